@@ -489,6 +489,12 @@ class Hub:
                 out.append(SendReply(pending.conn, pending.request_id, reply))
             if self.draining and conn.in_flight == 0:
                 self._close_for_drain(pending.conn, event.now, out)
+        if pending.op in (Op.ATTACH, Op.RECOVER):
+            # After the reply, so a runtime learns its sessionId before its first delivery.
+            for run_id in pending.run_ids:
+                session = self.sessions.get(run_id)
+                if session is not None:
+                    self._pump(session, out)
 
     @staticmethod
     def _append_reply(answer: OutputsAppended) -> Any:
@@ -511,9 +517,7 @@ class Hub:
                 continue
             acked = answer.input_acked_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
             last = answer.input_last_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
-            if session.claim_answered(event.ticket, held, acked, last, event.now, out):
-                self._pump(session, out)
-            else:
+            if not session.claim_answered(event.ticket, held, acked, last, event.now, out):
                 granted = False
         if isinstance(answer, StoreFailed):
             return ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
