@@ -1,0 +1,141 @@
+"""`agent-gateway`: `serve` runs the gateway, `demo` shows a runtime's whole life against one.
+
+Every `serve` flag is generated from `Settings`, with its environment variable as the default, so
+the flags, the variables and the settings object cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from gateway.config import Settings
+
+ENV_PREFIX = "AGENT_GATEWAY_"
+
+HELP = {
+    "data_dir": "directory for the SQLite store and the dev certificate",
+    "host": "address of the runtime WebSocket endpoint (wss://HOST:PORT/runtime)",
+    "port": "port of the runtime endpoint (0: any free port)",
+    "control_host": "address of the platform's control API (keep it on loopback or a private net)",
+    "control_port": "port of the control API (0: any free port)",
+    "tls_cert": "PEM certificate chain for the runtime endpoint",
+    "tls_key": "PEM private key for the runtime endpoint",
+    "dev": "development mode: self-signed localhost certificate and a generated admin token",
+    "admin_token": "bearer token of the control API (better given as the environment variable)",
+    "heartbeat_interval_ms": "heartbeat interval granted to runtimes (>= 1000)",
+    "lease_misses": "a lease lasts this many heartbeat intervals",
+    "recovery_window_ms": "how long after expiry a runtime may still recover its session",
+    "command_rate": "commands per second allowed per connection (sustained)",
+    "command_burst": "commands allowed per connection in a burst",
+    "max_frame_bytes": "largest frame accepted; larger get payload_too_large, twice this closes 1009",
+    "outbound_queue": "frames queued per connection before a non-reading runtime is closed (4003)",
+    "max_sessions": "most runtime connections at once; more are refused with HTTP 503",
+    "handshake_timeout_s": "seconds a client has to finish the WebSocket handshake",
+    "drain_timeout_s": "seconds a drain (SIGTERM/SIGINT) waits for connections before closing them",
+    "store_sync": "SQLite synchronous mode: full (survives power loss) or normal (survives crashes)",
+    "mask_secrets": "mask secret values that runtimes echo into output events",
+}
+
+
+def _env_default(field: attrs.Attribute[Any]) -> Any:
+    raw = os.environ.get(ENV_PREFIX + field.name.upper())
+    if raw is None:
+        return field.default
+    if field.type in (bool, "bool"):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    for field in attrs.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.name.upper()
+        default = _env_default(field)
+        help_text = f"{HELP[field.name]} [env {env}; default {field.default!s}]"
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, default=default, help=help_text, metavar=field.name.upper())
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Build Settings from parsed flags, converting each value to its field's type."""
+    values: dict[str, Any] = {}
+    for field in attrs.fields(Settings):
+        value = getattr(args, field.name)
+        kind = str(field.type)
+        if value is None or isinstance(value, bool):
+            values[field.name] = value
+        elif "Path" in kind:
+            values[field.name] = Path(value)
+        elif kind in ("int", "<class 'int'>"):
+            values[field.name] = int(value)
+        elif kind in ("float", "<class 'float'>"):
+            values[field.name] = float(value)
+        else:
+            values[field.name] = value
+    return Settings(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `serve` and `demo`."""
+    parser = argparse.ArgumentParser(prog="agent-gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT")
+    _add_settings(serve)
+    serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
+    demo = commands.add_parser("demo", help="run a gateway and a runtime, narrating each step")
+    demo.add_argument("--data-dir", type=Path, default=None,
+                      help="where to keep state (default: a temporary directory)")
+    return parser
+
+
+async def serve(settings: Settings) -> None:
+    """Run until a signal, then drain: answer in-flight work, tell runtimes to reconnect."""
+    from gateway.embedded import open_gateway
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_gateway(settings) as running:
+            print(f"agent-gateway: runtimes connect to {running.runtime_url}", flush=True)
+            print(f"agent-gateway: control API at {running.control_url}", flush=True)
+            if settings.dev:
+                print(f"agent-gateway: dev certificate {running.cert_path}", flush=True)
+                if not settings.admin_token:
+                    print(f"agent-gateway: admin token {running.admin_token}", flush=True)
+            async for signum in signals:
+                print(f"agent-gateway: {signal.Signals(signum).name}: draining", flush=True)
+                break
+    print("agent-gateway: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `agent-gateway` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        from gateway.embedded import ConfigurationError
+
+        try:
+            trio.run(serve, settings_from(args))
+        except ConfigurationError as problem:
+            print(f"agent-gateway: {problem}", file=sys.stderr)
+            return 2
+        return 0
+    from gateway.demo import run_demo
+
+    return trio.run(run_demo, args.data_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

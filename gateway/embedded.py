@@ -1,0 +1,88 @@
+"""A whole gateway in one `async with`: store, core, runtime endpoint, control API, timers.
+
+`agent-gateway serve`, the demo, the tests and the benchmarks all start the gateway this way, so
+they all run the same thing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from attrs import frozen
+
+from gateway.config import Settings
+from gateway.control import serve_control
+from gateway.devcert import ensure_dev_certificate
+from gateway.server import serve_runtime
+from gateway.service import Gateway
+from gateway.store.sqlite import open_sqlite_store
+
+
+class ConfigurationError(Exception):
+    """The settings cannot make a working gateway (the message says which one to fix)."""
+
+
+@frozen
+class RunningGateway:
+    """Where a started gateway listens, and what a local client needs to reach it."""
+
+    service: Gateway
+    runtime_url: str
+    control_url: str
+    admin_token: str
+    cert_path: Path
+    client_ssl_context: ssl.SSLContext
+
+
+def _tls(settings: Settings) -> tuple[Path, Path]:
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return settings.tls_cert, settings.tls_key
+    if settings.tls_cert is not None or settings.tls_key is not None:
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    if not settings.dev:
+        raise ConfigurationError("give --tls-cert and --tls-key, or --dev for a self-signed one")
+    return ensure_dev_certificate(settings.data_dir)
+
+
+def _admin_token(settings: Settings) -> str:
+    if settings.admin_token:
+        return settings.admin_token
+    if not settings.dev:
+        raise ConfigurationError("set AGENT_GATEWAY_ADMIN_TOKEN (or use --dev to generate one)")
+    return secrets.token_urlsafe(32)
+
+
+@asynccontextmanager
+async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
+    """Start a gateway; on leaving the block, drain it and close the store cleanly."""
+    cert_path, key_path = _tls(settings)
+    admin_token = _admin_token(settings)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_path, key_path)
+    client_tls = ssl.create_default_context(cafile=str(cert_path))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with open_sqlite_store(settings.database, synchronous=settings.store_sync) as store:
+        gateway = Gateway(settings, store)
+        await gateway.load()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.run_timers)
+            server = await nursery.start(serve_runtime, gateway, settings, server_tls)
+            control_port = await nursery.start(serve_control, gateway, settings, admin_token)
+            host = "localhost" if settings.host in ("127.0.0.1", "::1", "localhost") else settings.host
+            try:
+                yield RunningGateway(
+                    service=gateway,
+                    runtime_url=f"wss://{host}:{server.port}/runtime",
+                    control_url=f"http://{settings.control_host}:{control_port}",
+                    admin_token=admin_token,
+                    cert_path=cert_path,
+                    client_ssl_context=client_tls,
+                )
+                await gateway.drain()
+            finally:
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,91 @@
+"""One runtime connection's way out.
+
+Frames answering the connection's own commands are sent straight from its own task (a channel
+hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
+(input deliveries posted by the platform, a close for a superseded connection) go through a
+bounded queue that the connection's writer task drains. A runtime that stops reading fills that
+queue, or stalls a direct send past `send_timeout_s`, and is closed with 4003 instead of making
+the gateway hold its frames in memory.
+"""
+
+from __future__ import annotations
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from statemachine.messages import CloseCode
+
+
+class Link:
+    """The outbound side of one runtime connection."""
+
+    __slots__ = ("_inbox", "_outbox", "close_code", "close_reason", "conn_id", "scope",
+                 "send_timeout_s", "ws")
+
+    def __init__(
+        self, conn_id: int, ws: WebSocketConnection, capacity: int, scope: trio.CancelScope,
+        send_timeout_s: float = 10.0,
+    ) -> None:
+        self.conn_id = conn_id
+        self.ws = ws
+        self.scope = scope
+        self.send_timeout_s = send_timeout_s
+        self._outbox, self._inbox = trio.open_memory_channel[str](capacity)
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+
+    @property
+    def closing(self) -> bool:
+        """Whether a close was decided: nothing new may be sent."""
+        return self.close_code is not None
+
+    async def send(self, frame: str) -> None:
+        """Send from the connection's own task; a peer that will not take it is closed."""
+        if self.closing:
+            return
+        with trio.move_on_after(self.send_timeout_s) as waited:
+            try:
+                await self.ws.send_message(frame)
+            except ConnectionClosed:
+                return
+        if waited.cancelled_caught:
+            self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
+
+    def enqueue(self, frame: str) -> None:
+        """Send from another task without waiting; a full queue means the runtime is not reading."""
+        if self.closing:
+            return
+        try:
+            self._outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close after the frames already queued are sent (the writer does the closing)."""
+        if self.closing:
+            return
+        self.close_code, self.close_reason = code, reason
+        self._outbox.close()
+
+    def abort(self, code: CloseCode, reason: str) -> None:
+        """Close now, dropping queued frames (the peer is not reading them anyway)."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+            self._outbox.close()
+        self.scope.cancel()
+
+    async def write_queued(self) -> None:
+        """The writer task: drain the queue until a close is decided, then end the connection."""
+        async with self._inbox:
+            async for frame in self._inbox:
+                try:
+                    await self.ws.send_message(frame)
+                except ConnectionClosed:
+                    break
+        self.scope.cancel()
+
+    async def finish(self) -> None:
+        """Send the close frame with the decided code (bounded: a dead peer cannot hold us)."""
+        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self.ws.aclose(int(code), self.close_reason or None)

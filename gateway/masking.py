@@ -1,0 +1,39 @@
+"""Mask secret values that a runtime echoes into its output events, as CI systems mask job logs.
+
+On by default (`--no-mask-secrets` turns it off). A runtime that prints a secret it read must not
+leak it to everyone who can read the run's outputs. Values shorter than `MIN_SECRET_LENGTH` are
+not masked: masking "1" or "yes" everywhere would destroy output and protect nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from attrs import evolve
+
+from statemachine.messages import OutputEvent
+
+MASK = "***"
+MIN_SECRET_LENGTH = 4
+
+
+def mask_events(events: Sequence[OutputEvent], secret_values: Iterable[str]) -> Sequence[OutputEvent]:
+    """The events with every occurrence of a secret value in their data replaced by `***`."""
+    values = sorted({v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    if not values:
+        return events
+    return [evolve(event, data=_mask(event.data, values)) for event in events]
+
+
+def _mask(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:  # longest first, so a secret containing another is masked whole
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, dict):
+        return {_mask(k, secrets): _mask(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(item, secrets) for item in value]
+    return value

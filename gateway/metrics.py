@@ -1,0 +1,59 @@
+"""Prometheus metrics: what operators watch. Label values are channel names, codes and states only,
+never ids or payloads, so no secret and no unbounded label set can reach the exposition.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from statemachine.messages import Channel, ErrorCode
+from statemachine.records import SessionState
+
+
+class Metrics:
+    """The gateway's instruments, in a registry of its own (several gateways can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sessions = Gauge(
+            "agent_gateway_sessions", "Sessions by state.", ["state"], registry=self.registry
+        )
+        self.frames_in = Counter(
+            "agent_gateway_frames_in", "Frames received, by channel.", ["channel"],
+            registry=self.registry,
+        )
+        self.frames_out = Counter(
+            "agent_gateway_frames_out", "Frames sent, by channel.", ["channel"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "agent_gateway_errors", "Error frames sent, by code.", ["code"], registry=self.registry
+        )
+        self.lease_expiries = Counter(
+            "agent_gateway_lease_expiries", "Leases that ran out.", registry=self.registry
+        )
+        self.attempts_lost = Counter(
+            "agent_gateway_attempts_lost", "Recovery windows that closed with no runtime back.",
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "agent_gateway_connections", "Open runtime connections.", registry=self.registry
+        )
+        self.closes = Counter(
+            "agent_gateway_closes", "Connections the gateway closed, by close code.", ["code"],
+            registry=self.registry,
+        )
+        self.store_seconds = Histogram(
+            "agent_gateway_store_seconds", "Store operation latency, by operation.", ["op"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        # Children resolved once: a labelled lookup per frame would be wasted work.
+        self.frame_in = {channel: self.frames_in.labels(channel.value) for channel in Channel}
+        self.frame_out = {channel: self.frames_out.labels(channel.value) for channel in Channel}
+        self.error = {code: self.errors.labels(code.value) for code in ErrorCode}
+        self.in_state = {state: self.sessions.labels(state.value) for state in SessionState}
+        self.store_op = {
+            op: self.store_seconds.labels(op)
+            for op in ("claim", "append", "read_kv", "write_kv", "read_inputs", "ack", "save")
+        }

@@ -1,0 +1,103 @@
+"""The runtime endpoint: `wss://HOST:PORT/runtime`.
+
+Everything that can be refused is refused before the upgrade, with an HTTP status and a problem
+body: a wrong path (404), a draining gateway or a full house (503), a missing, malformed, revoked
+or unknown token (401). Only an authenticated runtime reaches the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import orjson
+import trio
+from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
+
+from gateway.config import Settings
+from gateway.service import Gateway
+
+log = logging.getLogger("agent_gateway.server")
+
+PROBLEM_BASE = "https://agent-gateway.dev/problems/"
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer ...` header, or None if there is no usable one."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                return None
+            try:
+                return token.strip().decode("ascii")
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+async def _reject(request: WebSocketRequest, status: int, slug: str, detail: str) -> None:
+    body = orjson.dumps(
+        {"type": PROBLEM_BASE + slug, "title": slug.replace("-", " "), "status": status,
+         "detail": detail}
+    )
+    headers = [(b"content-type", b"application/problem+json")]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="agent-gateway"'))
+    await request.reject(status, extra_headers=headers, body=body)
+
+
+class RuntimeEndpoint:
+    """Admits runtimes at the handshake and hands each accepted connection to the gateway."""
+
+    def __init__(self, gateway: Gateway, settings: Settings) -> None:
+        self.gateway = gateway
+        self.settings = settings
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """trio-websocket's handler: one call per handshake, for the connection's whole life."""
+        try:
+            await self._handle(request)
+        except Exception:
+            # One connection's failure must never take the server (and every other runtime) down.
+            log.exception("runtime connection failed")
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        if request.path.partition("?")[0] != "/runtime":
+            await _reject(request, 404, "not-found", "the runtime endpoint is /runtime")
+            return
+        if self.gateway.draining:
+            await _reject(request, 503, "draining", "the gateway is restarting; retry shortly")
+            return
+        if len(self.gateway.links) >= self.settings.max_sessions:
+            await _reject(request, 503, "too-many-connections", "the gateway is full; retry later")
+            return
+        token = bearer_token(request.headers)
+        principal = await self.gateway.authenticate(token) if token else None
+        if principal is None:
+            await _reject(request, 401, "unauthorized",
+                          "send Authorization: Bearer <the runtime token issued for your run>")
+            return
+        ws = await request.accept()
+        await self.gateway.serve_connection(ws, principal)
+
+
+async def serve_runtime(
+    gateway: Gateway,
+    settings: Settings,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen for runtimes until cancelled; `task_status` gets the server (for its bound port)."""
+    endpoint = RuntimeEndpoint(gateway, settings)
+    await serve_websocket(
+        endpoint.handle,
+        settings.host,
+        settings.port,
+        ssl_context,
+        max_message_size=settings.hard_frame_bytes,
+        connect_timeout=settings.handshake_timeout_s,
+        disconnect_timeout=2,
+        task_status=task_status,
+    )

@@ -1,0 +1,419 @@
+"""The trio shell around the pure core: it feeds `Hub` and carries out the effects it returns.
+
+One frame's whole path: `server.py` reads it, `codec.py` decodes it, `Hub.handle` decides, and
+`Gateway.execute` (here) sends, arms timers and talks to the store. Store effects are awaited in
+the task that produced them; their answers go back into the hub, whose further effects join the
+same queue, so one command's work stays in one task, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
+
+import trio
+from attrs import frozen
+from trio_websocket import ConnectionClosed
+
+from gateway.clock import Clock
+from gateway.codec import DecodeError, decode, encode
+from gateway.config import Settings
+from gateway.links import Link
+from gateway.masking import mask_events
+from gateway.metrics import Metrics
+from gateway.store.base import NewInput, Store, StoreError
+from gateway.timers import Timers
+from statemachine.effects import (
+    AckInputs,
+    AppendOutputs,
+    ArmTimer,
+    AttemptLost,
+    ClaimEpoch,
+    CloseConnection,
+    DeliverInputs,
+    Effect,
+    ReadInputs,
+    ReadKV,
+    SaveSession,
+    SendError,
+    SendReply,
+    SessionChanged,
+    StoreEffect,
+    WriteKV,
+)
+from statemachine.hub import Hub
+from statemachine.inputs import (
+    AppendOutcome,
+    CommandReceived,
+    ConnectionLost,
+    ConnectionOpened,
+    DrainStarted,
+    Input,
+    InputsPosted,
+    InputsRead,
+    KVRead,
+    RunRegistered,
+    RunRevoked,
+    SessionRestored,
+    StoreAnswer,
+    StoreAnswered,
+    StoreFailed,
+    TimerFired,
+)
+from statemachine.messages import (
+    REPLY_CHANNELS,
+    Capability,
+    Channel,
+    CloseCode,
+    ErrorCode,
+    ErrorPayload,
+    Millis,
+    OutputEvent,
+    RecoverConnectionsCommand,
+    RuntimeAttachRequest,
+)
+from statemachine.records import RunGrant, SessionState
+
+log = logging.getLogger("agent_gateway")
+
+
+def token_digest(token: str) -> bytes:
+    """Runtime tokens are kept only as digests: a stolen database grants no access."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+@frozen
+class SessionView:
+    """What the platform may see of a session (never secrets)."""
+
+    run_id: str
+    state: SessionState
+    session_id: str | None
+    connection_epoch: int | None
+    lease_expires_at: Millis | None
+    capabilities: tuple[str, ...]
+    connected: bool
+
+
+class Gateway:
+    """The running gateway: core, store, connections, timers and metrics, wired together."""
+
+    def __init__(self, settings: Settings, store: Store, *, clock: Clock | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock or Clock()
+        self.metrics = metrics or Metrics()
+        self.hub = Hub(settings.policy())
+        self.timers = Timers(self.clock)
+        self.links: dict[int, Link] = {}
+        self.draining = False
+        self.observers: list[Callable[[SessionChanged], None]] = []
+        self._last_conn = 0
+        self._outputs_changed: dict[str, trio.Event] = {}
+        self._no_links = trio.Event()
+        self._no_links.set()
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Warm the core from the store: runs, then the sessions that were alive before a restart."""
+        for grant in await self.store.list_runs():
+            self.hub.handle(RunRegistered(grant))
+        for record in await self.store.list_sessions():
+            await self.feed(SessionRestored(record, self.clock.now()))
+
+    async def run_timers(self) -> None:
+        """Report every session deadline to the core as it comes (runs until cancelled)."""
+        await self.timers.run(self._timer_fired)
+
+    async def _timer_fired(self, run_id: str) -> None:
+        await self.feed(TimerFired(run_id, self.clock.now()))
+
+    async def drain(self) -> None:
+        """Stop taking work, answer what is in flight, and tell runtimes to come back elsewhere."""
+        self.draining = True
+        await self.feed(DrainStarted(self.clock.now()))
+        with trio.move_on_after(self.settings.drain_timeout_s):
+            await self._no_links.wait()
+        for link in list(self.links.values()):
+            link.abort(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
+
+    # --- the core loop --------------------------------------------------------------------------
+
+    async def feed(self, event: Input, origin: int | None = None) -> None:
+        """Give the core one input and carry out everything that follows from it."""
+        await self.execute(self.hub.handle(event), origin)
+
+    async def execute(self, effects: Iterable[Effect], origin: int | None = None) -> None:
+        """Carry out effects in order; `origin` is the connection whose own task this is."""
+        queue = deque(effects)
+        while queue:
+            effect = queue.popleft()
+            kind = type(effect)
+            if kind is SendReply:  # the hot path: one per command
+                reply = cast(SendReply, effect)
+                channel = REPLY_CHANNELS[type(reply.payload)]
+                await self._send(reply.conn, encode(channel, reply.request_id, reply.payload), origin)
+                self.metrics.frame_out[channel].inc()
+            elif kind in _STORE_EFFECTS:
+                ticket = cast(StoreEffect, effect).ticket
+                answer = await self._store(effect)
+                queue.extend(self.hub.handle(StoreAnswered(ticket, answer, self.clock.now())))
+            else:
+                await self._other(effect, origin)
+
+    async def _other(self, effect: Effect, origin: int | None) -> None:
+        if isinstance(effect, SendError):
+            await self._send(effect.conn, encode(Channel.ERROR, effect.request_id, effect.error),
+                             origin)
+            self.metrics.error[effect.error.code].inc()
+        elif isinstance(effect, DeliverInputs):
+            frame = encode(Channel.INPUT, effect.delivery_id, effect.delivery)
+            await self._send(effect.conn, frame, origin)
+            self.metrics.frame_out[Channel.INPUT].inc()
+        elif isinstance(effect, ArmTimer):
+            self.timers.arm(effect.run_id, effect.deadline)
+        elif isinstance(effect, CloseConnection):
+            link = self.links.get(effect.conn)
+            if link is not None:
+                link.close(effect.code, effect.reason)
+                self.metrics.closes.labels(str(int(effect.code))).inc()
+        elif isinstance(effect, SessionChanged):
+            self._session_changed(effect)
+        elif isinstance(effect, AttemptLost):
+            self.metrics.attempts_lost.inc()
+            log.warning("attempt lost: run %s attempt %s", effect.run_id, effect.attempt_id)
+        elif isinstance(effect, SaveSession):
+            with self.metrics.store_op["save"].time():
+                try:
+                    await self.store.save_session(effect.record)
+                except StoreError:
+                    log.exception("could not save session state of run %s", effect.record.run_id)
+        else:  # pragma: no cover - every effect type is handled above
+            raise TypeError(f"unhandled effect {type(effect).__name__}")
+
+    async def _send(self, conn: int, frame: str, origin: int | None) -> None:
+        link = self.links.get(conn)
+        if link is None:
+            return
+        if conn == origin:
+            await link.send(frame)
+        else:
+            link.enqueue(frame)
+
+    def _session_changed(self, change: SessionChanged) -> None:
+        if change.old is not change.new:
+            self.metrics.in_state[change.old].dec()
+            self.metrics.in_state[change.new].inc()
+        if change.new is SessionState.EXPIRED:
+            self.metrics.lease_expiries.inc()
+        log.info("session %s of run %s: %s -> %s", change.session_id, change.run_id,
+                 change.old.value, change.new.value)
+        for observer in self.observers:
+            observer(change)
+
+    async def _store(self, effect: Any) -> StoreAnswer:
+        """Run one store effect; a store failure becomes an answer, never an escaped exception."""
+        try:
+            if isinstance(effect, ClaimEpoch):
+                with self.metrics.store_op["claim"].time():
+                    return await self.store.claim_epoch([claim.record for claim in effect.claims])
+            if isinstance(effect, AppendOutputs):
+                return await self._append(effect)
+            if isinstance(effect, ReadKV):
+                with self.metrics.store_op["read_kv"].time():
+                    return KVRead(await self.store.kv_get(effect.run_id, effect.keys))
+            if isinstance(effect, WriteKV):
+                with self.metrics.store_op["write_kv"].time():
+                    return await self.store.kv_set(effect.run_id, effect.epoch, effect.kv)
+            if isinstance(effect, ReadInputs):
+                with self.metrics.store_op["read_inputs"].time():
+                    events = await self.store.read_inputs(effect.run_id, effect.after_seq, effect.limit)
+                return InputsRead(events)
+            if isinstance(effect, AckInputs):
+                with self.metrics.store_op["ack"].time():
+                    return await self.store.ack_inputs(effect.run_id, effect.epoch, effect.seq)
+        except StoreError as failure:
+            log.error("store failed on %s: %s", type(effect).__name__, type(failure).__name__)
+            return StoreFailed(type(failure).__name__)
+        raise TypeError(f"not a store effect: {type(effect).__name__}")
+
+    async def _append(self, effect: AppendOutputs) -> StoreAnswer:
+        events: Sequence[OutputEvent] = effect.events
+        grant = self.hub.grants.get(effect.run_id)
+        if self.settings.mask_secrets and grant is not None and grant.secrets:
+            events = mask_events(events, grant.secrets.values())
+        with self.metrics.store_op["append"].time():
+            answer = await self.store.append_outputs(effect.run_id, effect.epoch, events)
+        if answer.outcome is AppendOutcome.STORED:
+            waiting = self._outputs_changed.pop(effect.run_id, None)
+            if waiting is not None:
+                waiting.set()
+        return answer
+
+    # --- runtime connections --------------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> str | None:
+        """The run a runtime token belongs to, or None (the caller refuses the handshake)."""
+        if not token or len(token) > 256:
+            return None
+        return await self.store.run_for_token(token_digest(token))
+
+    async def serve_connection(self, ws: Any, principal: str) -> None:
+        """Run one accepted runtime connection until it closes; nothing of it outlives this call."""
+        self._last_conn += 1
+        conn_id = self._last_conn
+        self.metrics.connections.inc()
+        if not self.links:
+            self._no_links = trio.Event()  # drain waits on this until the last link is gone
+        try:
+            async with trio.open_nursery() as nursery:
+                link = Link(conn_id, ws, self.settings.outbound_queue, nursery.cancel_scope)
+                self.links[conn_id] = link
+                nursery.start_soon(link.write_queued)
+                await self.feed(ConnectionOpened(conn_id, principal, self.clock.now()), conn_id)
+                await self._read_frames(link)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.links.pop(conn_id, None)
+            self.metrics.connections.dec()
+            with trio.CancelScope(shield=True):
+                await self.feed(ConnectionLost(conn_id, self.clock.now()))
+                await link.finish()
+            if not self.links:
+                self._no_links.set()
+
+    async def _read_frames(self, link: Link) -> None:
+        try:
+            while not link.closing:
+                message = await link.ws.get_message()
+                await self.on_message(link, message)
+        except ConnectionClosed:
+            return
+
+    async def on_message(self, link: Link, message: str | bytes) -> None:
+        """Decode one frame and feed it to the core; a bad frame gets its error and nothing else."""
+        if isinstance(message, bytes):
+            error = ErrorPayload.of(ErrorCode.INVALID_FRAME, "binary frames are not part of the "
+                                    "protocol: send one JSON object per text message")
+            await self._refuse(link, None, error)
+            return
+        decoded = decode(message, self.settings.max_frame_bytes)
+        if isinstance(decoded, DecodeError):
+            await self._refuse(link, decoded.request_id, decoded.error)
+            return
+        self.metrics.frame_in[decoded.channel].inc()
+        command = decoded.command
+        fresh = ""
+        if isinstance(command, RuntimeAttachRequest):
+            fresh = "ses_" + secrets.token_hex(16)
+            await self._know_runs((command.run_id,))
+        elif isinstance(command, RecoverConnectionsCommand):
+            await self._know_runs((command.main_run_id, *command.sub_run_ids))
+        event = CommandReceived(link.conn_id, decoded.request_id, command, self.clock.now(), fresh)
+        await self.feed(event, link.conn_id)
+
+    async def _refuse(self, link: Link, request_id: str | None, error: ErrorPayload) -> None:
+        self.metrics.error[error.code].inc()
+        await link.send(encode(Channel.ERROR, request_id, error))
+
+    async def _know_runs(self, run_ids: Iterable[str]) -> None:
+        """Load grants the core lacks (a run created through another gateway of the fleet)."""
+        for run_id in run_ids:
+            if not self.hub.knows_run(run_id):
+                try:
+                    grant = await self.store.get_run(run_id)
+                except StoreError:
+                    return  # the core will refuse the run as unknown; the runtime may retry
+                if grant is not None:
+                    self.hub.handle(RunRegistered(grant))
+
+    # --- the platform's side (used by the control API) ------------------------------------------
+
+    async def create_run(
+        self,
+        *,
+        run_id: str | None = None,
+        capabilities: Iterable[Capability] = (),
+        secrets_: dict[str, str] | None = None,
+        config: dict[str, Any] | None = None,
+        config_version: str | None = None,
+        main_run_id: str | None = None,
+    ) -> tuple[RunGrant, str]:
+        """Register a run (or a sub-run) and mint its runtime token, shown only this once."""
+        config = config or {}
+        grant = RunGrant(
+            run_id=run_id or "run_" + secrets.token_hex(13),
+            capabilities=frozenset(capabilities),
+            secrets=dict(secrets_ or {}),
+            config=config,
+            config_version=config_version or "cfg_" + hashlib.sha256(
+                repr(sorted(config.items())).encode()).hexdigest()[:16],
+            main_run_id=main_run_id,
+        )
+        token = "agt_" + secrets.token_urlsafe(32)
+        await self.store.create_run(grant, token_digest(token))
+        self.hub.handle(RunRegistered(grant))
+        return grant, token
+
+    async def revoke_run(self, run_id: str) -> bool:
+        """Revoke a run's token (and its sub-runs'), and close whatever connection holds them."""
+        revoked = await self.store.revoke_run(run_id)
+        if revoked:
+            await self.feed(RunRevoked(run_id, self.clock.now()))
+        return revoked
+
+    async def post_inputs(self, run_id: str, events: Sequence[NewInput]) -> list[int]:
+        """Queue input events durably, then push them to the run's runtime if it is connected."""
+        seqs = await self.store.post_inputs(run_id, events)
+        if seqs:
+            await self.feed(InputsPosted(run_id, seqs[-1], self.clock.now()))
+        return seqs
+
+    async def wait_outputs(self, run_id: str, after: int, limit: int,
+                           wait_s: float) -> list[OutputEvent]:
+        """Output events after `after`, waiting up to `wait_s` for the first one to arrive."""
+        deadline = trio.current_time() + wait_s
+        while True:
+            events = await self.store.read_outputs(run_id, after, limit)
+            if events or trio.current_time() >= deadline:
+                return events
+            changed = self._outputs_changed.setdefault(run_id, trio.Event())
+            with trio.move_on_at(deadline):
+                await changed.wait()
+
+    async def session_view(self, run_id: str) -> SessionView | None:
+        """The session as the platform may see it: live from the core, else as last stored."""
+        session = self.hub.sessions.get(run_id)
+        if session is not None:
+            return SessionView(
+                run_id=run_id,
+                state=session.state,
+                session_id=session.session_id or None,
+                connection_epoch=session.epoch if session.epoch >= 0 else None,
+                lease_expires_at=session.lease_expires_at if session.session_id else None,
+                capabilities=tuple(sorted(c.value for c in session.capabilities)),
+                connected=session.conn is not None,
+            )
+        if not self.hub.knows_run(run_id):
+            return None
+        record = await self.store.get_session(run_id)
+        if record is None:
+            return SessionView(run_id, SessionState.DETACHED, None, None, None, (), False)
+        return SessionView(
+            run_id=run_id,
+            state=record.state,
+            session_id=record.session_id,
+            connection_epoch=record.epoch,
+            lease_expires_at=record.lease_expires_at,
+            capabilities=tuple(sorted(c.value for c in record.capabilities)),
+            connected=False,
+        )
+
+
+_STORE_EFFECTS = frozenset({ClaimEpoch, AppendOutputs, ReadKV, WriteKV, ReadInputs, AckInputs})
