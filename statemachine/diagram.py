@@ -13,7 +13,10 @@ from pathlib import Path
 from statemachine.records import SessionState
 from statemachine.table import TRANSITIONS, Action
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "state-diagram.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "state-diagram.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- state-diagram:begin -->", "<!-- state-diagram:end -->"
 
 
 def mermaid() -> str:
@@ -39,12 +42,20 @@ def document() -> str:
     )
 
 
+def readme_with_diagram(readme: str) -> str:
+    """The README with the diagram between its markers replaced by a fresh rendering."""
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + f"\n```mermaid\n{mermaid()}```\n" + readme[end:]
+
+
 def main(argv: list[str]) -> int:
-    """Print the diagram, or write the docs page with `--write`."""
+    """Print the diagram, or write the docs page and the README's copy with `--write`."""
     if "--write" in argv:
         DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(document(), encoding="utf-8")
-        print(f"wrote {DOC}")
+        README.write_text(readme_with_diagram(README.read_text(encoding="utf-8")),
+                          encoding="utf-8")
+        print(f"wrote {DOC} and the diagram in {README}")
     else:
         sys.stdout.write(mermaid())
     return 0
