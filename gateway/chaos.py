@@ -76,8 +76,13 @@ class ChaosProxy:
                 nursery.start_soon(self._pump, upstream, client, scope, budget)
             self._links.discard(scope)
 
-    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
-                    scope: trio.CancelScope, budget: list[int | None]) -> None:
+    async def _pump(
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        scope: trio.CancelScope,
+        budget: list[int | None],
+    ) -> None:
         try:
             while True:
                 data = await source.receive_some(self.chunk)

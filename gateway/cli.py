@@ -36,12 +36,12 @@ HELP = {
     "recovery_window_ms": "how long after expiry a runtime may still recover its session",
     "command_rate": "commands per second allowed per connection (sustained)",
     "command_burst": "commands allowed per connection in a burst",
-    "max_frame_bytes": "largest frame accepted; larger get payload_too_large, twice this closes 1009",
+    "max_frame_bytes": "largest frame accepted (bigger: payload_too_large; twice this: close 1009)",
     "outbound_queue": "frames queued per connection before a non-reading runtime is closed (4003)",
     "max_sessions": "most runtime connections at once; more are refused with HTTP 503",
     "handshake_timeout_s": "seconds a client has to finish the WebSocket handshake",
     "drain_timeout_s": "seconds a drain (SIGTERM/SIGINT) waits for connections before closing them",
-    "store_sync": "SQLite synchronous mode: full (survives power loss) or normal (survives crashes)",
+    "store_sync": "SQLite synchronous: full (survives power loss) or normal (survives crashes)",
     "mask_secrets": "mask secret values that runtimes echo into output events",
 }
 
@@ -62,8 +62,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         default = _env_default(field)
         help_text = f"{HELP[field.name]} [env {env}; default {field.default!s}]"
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             parser.add_argument(flag, default=default, help=help_text, metavar=field.name.upper())
 
@@ -95,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(serve)
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     demo = commands.add_parser("demo", help="run a gateway and a runtime, narrating each step")
-    demo.add_argument("--data-dir", type=Path, default=None,
-                      help="where to keep state (default: a temporary directory)")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where to keep state (default: a temporary directory)",
+    )
     return parser
 
 
@@ -122,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `agent-gateway` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
         from gateway.embedded import ConfigurationError
 
         try:

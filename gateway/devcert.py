@@ -17,9 +17,9 @@ KEY_NAME = "dev-key.pem"
 
 
 def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
-    """Reuse the data directory's dev certificate while valid for a day more; else make a new one."""
+    """Reuse the dev certificate while it is valid for a day more; else make a new one."""
     cert_path, key_path = directory / CERT_NAME, directory / KEY_NAME
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if cert_path.exists() and key_path.exists():
         existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
         if existing.not_valid_after_utc > now + datetime.timedelta(days=1):

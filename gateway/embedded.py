@@ -73,7 +73,9 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
             nursery.start_soon(gateway.run_timers)
             server = await nursery.start(serve_runtime, gateway, settings, server_tls)
             control_port = await nursery.start(serve_control, gateway, settings, admin_token)
-            host = "localhost" if settings.host in ("127.0.0.1", "::1", "localhost") else settings.host
+            host = (
+                "localhost" if settings.host in ("127.0.0.1", "::1", "localhost") else settings.host
+            )
             try:
                 yield RunningGateway(
                     service=gateway,

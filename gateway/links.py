@@ -19,11 +19,23 @@ from statemachine.messages import CloseCode
 class Link:
     """The outbound side of one runtime connection."""
 
-    __slots__ = ("_inbox", "_outbox", "close_code", "close_reason", "conn_id", "scope",
-                 "send_timeout_s", "ws")
+    __slots__ = (
+        "_inbox",
+        "_outbox",
+        "close_code",
+        "close_reason",
+        "conn_id",
+        "scope",
+        "send_timeout_s",
+        "ws",
+    )
 
     def __init__(
-        self, conn_id: int, ws: WebSocketConnection, capacity: int, scope: trio.CancelScope,
+        self,
+        conn_id: int,
+        ws: WebSocketConnection,
+        capacity: int,
+        scope: trio.CancelScope,
         send_timeout_s: float = 10.0,
     ) -> None:
         self.conn_id = conn_id

@@ -18,9 +18,13 @@ MASK = "***"
 MIN_SECRET_LENGTH = 4
 
 
-def mask_events(events: Sequence[OutputEvent], secret_values: Iterable[str]) -> Sequence[OutputEvent]:
+def mask_events(
+    events: Sequence[OutputEvent], secret_values: Iterable[str]
+) -> Sequence[OutputEvent]:
     """The events with every occurrence of a secret value in their data replaced by `***`."""
-    values = sorted({v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    values = sorted(
+        {v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True
+    )
     if not values:
         return events
     return [evolve(event, data=_mask(event.data, values)) for event in events]

@@ -1,5 +1,7 @@
-"""Prometheus metrics: what operators watch. Label values are channel names, codes and states only,
-never ids or payloads, so no secret and no unbounded label set can reach the exposition.
+"""Prometheus metrics: what operators watch.
+
+Label values are channel names, codes and states only, never ids or payloads, so no secret and no
+unbounded label set can reach the exposition.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from statemachine.records import SessionState
 
 
 class Metrics:
-    """The gateway's instruments, in a registry of its own (several gateways can share a process)."""
+    """The gateway's instruments, in a registry of its own (gateways may share a process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -19,11 +21,15 @@ class Metrics:
             "agent_gateway_sessions", "Sessions by state.", ["state"], registry=self.registry
         )
         self.frames_in = Counter(
-            "agent_gateway_frames_in", "Frames received, by channel.", ["channel"],
+            "agent_gateway_frames_in",
+            "Frames received, by channel.",
+            ["channel"],
             registry=self.registry,
         )
         self.frames_out = Counter(
-            "agent_gateway_frames_out", "Frames sent, by channel.", ["channel"],
+            "agent_gateway_frames_out",
+            "Frames sent, by channel.",
+            ["channel"],
             registry=self.registry,
         )
         self.errors = Counter(
@@ -33,18 +39,23 @@ class Metrics:
             "agent_gateway_lease_expiries", "Leases that ran out.", registry=self.registry
         )
         self.attempts_lost = Counter(
-            "agent_gateway_attempts_lost", "Recovery windows that closed with no runtime back.",
+            "agent_gateway_attempts_lost",
+            "Recovery windows that closed with no runtime back.",
             registry=self.registry,
         )
         self.connections = Gauge(
             "agent_gateway_connections", "Open runtime connections.", registry=self.registry
         )
         self.closes = Counter(
-            "agent_gateway_closes", "Connections the gateway closed, by close code.", ["code"],
+            "agent_gateway_closes",
+            "Connections the gateway closed, by close code.",
+            ["code"],
             registry=self.registry,
         )
         self.store_seconds = Histogram(
-            "agent_gateway_store_seconds", "Store operation latency, by operation.", ["op"],
+            "agent_gateway_store_seconds",
+            "Store operation latency, by operation.",
+            ["op"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )

@@ -38,8 +38,12 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 async def _reject(request: WebSocketRequest, status: int, slug: str, detail: str) -> None:
     body = orjson.dumps(
-        {"type": PROBLEM_BASE + slug, "title": slug.replace("-", " "), "status": status,
-         "detail": detail}
+        {
+            "type": PROBLEM_BASE + slug,
+            "title": slug.replace("-", " "),
+            "status": status,
+            "detail": detail,
+        }
     )
     headers = [(b"content-type", b"application/problem+json")]
     if status == 401:
@@ -75,8 +79,12 @@ class RuntimeEndpoint:
         token = bearer_token(request.headers)
         principal = await self.gateway.authenticate(token) if token else None
         if principal is None:
-            await _reject(request, 401, "unauthorized",
-                          "send Authorization: Bearer <the runtime token issued for your run>")
+            await _reject(
+                request,
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <the runtime token issued for your run>",
+            )
             return
         ws = await request.accept()
         await self.gateway.serve_connection(ws, principal)

@@ -102,8 +102,14 @@ class SessionView:
 class Gateway:
     """The running gateway: core, store, connections, timers and metrics, wired together."""
 
-    def __init__(self, settings: Settings, store: Store, *, clock: Clock | None = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock or Clock()
@@ -121,7 +127,7 @@ class Gateway:
     # --- life cycle -----------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Warm the core from the store: runs, then the sessions that were alive before a restart."""
+        """Warm the core from the store: runs, then the sessions alive before a restart."""
         for grant in await self.store.list_runs():
             self.hub.handle(RunRegistered(grant))
         for record in await self.store.list_sessions():
@@ -158,7 +164,9 @@ class Gateway:
             if kind is SendReply:  # the hot path: one per command
                 reply = cast(SendReply, effect)
                 channel = REPLY_CHANNELS[type(reply.payload)]
-                await self._send(reply.conn, encode(channel, reply.request_id, reply.payload), origin)
+                await self._send(
+                    reply.conn, encode(channel, reply.request_id, reply.payload), origin
+                )
                 self.metrics.frame_out[channel].inc()
             elif kind in _STORE_EFFECTS:
                 ticket = cast(StoreEffect, effect).ticket
@@ -169,8 +177,9 @@ class Gateway:
 
     async def _other(self, effect: Effect, origin: int | None) -> None:
         if isinstance(effect, SendError):
-            await self._send(effect.conn, encode(Channel.ERROR, effect.request_id, effect.error),
-                             origin)
+            await self._send(
+                effect.conn, encode(Channel.ERROR, effect.request_id, effect.error), origin
+            )
             self.metrics.error[effect.error.code].inc()
         elif isinstance(effect, DeliverInputs):
             frame = encode(Channel.INPUT, effect.delivery_id, effect.delivery)
@@ -212,8 +221,13 @@ class Gateway:
             self.metrics.in_state[change.new].inc()
         if change.new is SessionState.EXPIRED:
             self.metrics.lease_expiries.inc()
-        log.info("session %s of run %s: %s -> %s", change.session_id, change.run_id,
-                 change.old.value, change.new.value)
+        log.info(
+            "session %s of run %s: %s -> %s",
+            change.session_id,
+            change.run_id,
+            change.old.value,
+            change.new.value,
+        )
         for observer in self.observers:
             observer(change)
 
@@ -233,7 +247,9 @@ class Gateway:
                     return await self.store.kv_set(effect.run_id, effect.epoch, effect.kv)
             if isinstance(effect, ReadInputs):
                 with self.metrics.store_op["read_inputs"].time():
-                    events = await self.store.read_inputs(effect.run_id, effect.after_seq, effect.limit)
+                    events = await self.store.read_inputs(
+                        effect.run_id, effect.after_seq, effect.limit
+                    )
                 return InputsRead(events)
             if isinstance(effect, AckInputs):
                 with self.metrics.store_op["ack"].time():
@@ -299,8 +315,10 @@ class Gateway:
     async def on_message(self, link: Link, message: str | bytes) -> None:
         """Decode one frame and feed it to the core; a bad frame gets its error and nothing else."""
         if isinstance(message, bytes):
-            error = ErrorPayload.of(ErrorCode.INVALID_FRAME, "binary frames are not part of the "
-                                    "protocol: send one JSON object per text message")
+            error = ErrorPayload.of(
+                ErrorCode.INVALID_FRAME,
+                "binary frames are not part of the protocol: send one JSON object per text message",
+            )
             await self._refuse(link, None, error)
             return
         decoded = decode(message, self.settings.max_frame_bytes)
@@ -352,8 +370,8 @@ class Gateway:
             capabilities=frozenset(capabilities),
             secrets=dict(secrets_ or {}),
             config=config,
-            config_version=config_version or "cfg_" + hashlib.sha256(
-                repr(sorted(config.items())).encode()).hexdigest()[:16],
+            config_version=config_version
+            or "cfg_" + hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16],
             main_run_id=main_run_id,
         )
         token = "agt_" + secrets.token_urlsafe(32)
@@ -375,8 +393,9 @@ class Gateway:
             await self.feed(InputsPosted(run_id, seqs[-1], self.clock.now()))
         return seqs
 
-    async def wait_outputs(self, run_id: str, after: int, limit: int,
-                           wait_s: float) -> list[OutputEvent]:
+    async def wait_outputs(
+        self, run_id: str, after: int, limit: int, wait_s: float
+    ) -> list[OutputEvent]:
         """Output events after `after`, waiting up to `wait_s` for the first one to arrive."""
         deadline = trio.current_time() + wait_s
         while True:

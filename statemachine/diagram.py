@@ -53,8 +53,7 @@ def main(argv: list[str]) -> int:
     if "--write" in argv:
         DOC.parent.mkdir(parents=True, exist_ok=True)
         DOC.write_text(document(), encoding="utf-8")
-        README.write_text(readme_with_diagram(README.read_text(encoding="utf-8")),
-                          encoding="utf-8")
+        README.write_text(readme_with_diagram(README.read_text(encoding="utf-8")), encoding="utf-8")
         print(f"wrote {DOC} and the diagram in {README}")
     else:
         sys.stdout.write(mermaid())

@@ -139,7 +139,7 @@ class AckInputs:
 
 @frozen
 class SaveSession:
-    """Persist a session's new state (no answer: the state is also rebuilt from claims on restart)."""
+    """Persist a session's new state (fire and forget: claims also record it)."""
 
     record: SessionRecord
 

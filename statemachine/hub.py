@@ -140,7 +140,9 @@ class Hub:
             SessionRestored: self._session_restored,
             DrainStarted: self._drain_started,
         }
-        self._on_command: dict[type[Any], Callable[[Connection, CommandReceived, list[Effect]], None]]
+        self._on_command: dict[
+            type[Any], Callable[[Connection, CommandReceived, list[Effect]], None]
+        ]
         self._on_command = {
             HeartbeatCommand: self._heartbeat,
             RuntimeAttachRequest: self._attach,
@@ -160,7 +162,7 @@ class Hub:
         return out
 
     def knows_run(self, run_id: str) -> bool:
-        """Whether the run's grant is loaded (the shell loads it from the store before attaching)."""
+        """Whether the run's grant is loaded (else the shell loads it before attaching)."""
         return run_id in self.grants
 
     # --- bookkeeping ----------------------------------------------------------------------------
@@ -175,8 +177,9 @@ class Hub:
             session = self.sessions[run_id] = Session(self.grants[run_id], self.policy)
         return session
 
-    def _close(self, conn_id: ConnId, code: CloseCode, reason: str, now: Millis,
-               out: list[Effect]) -> None:
+    def _close(
+        self, conn_id: ConnId, code: CloseCode, reason: str, now: Millis, out: list[Effect]
+    ) -> None:
         """Close a connection once: unbind its sessions, and never write to it again."""
         conn = self.connections.get(conn_id)
         if conn is None or conn.closed:
@@ -267,8 +270,9 @@ class Hub:
                 self._close_for_drain(conn_id, event.now, out)
 
     def _close_for_drain(self, conn_id: ConnId, now: Millis, out: list[Effect]) -> None:
-        self._close(conn_id, CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect",
-                    now, out)
+        self._close(
+            conn_id, CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect", now, out
+        )
 
     # --- commands -------------------------------------------------------------------------------
 
@@ -340,13 +344,17 @@ class Hub:
         for run_id in dict.fromkeys(command.sub_run_ids):
             sub = self._authorized(conn, run_id)
             if sub.grant.main_run_id != command.main_run_id:
-                raise Refused.because(ErrorCode.FORBIDDEN_RUN, "a subRunId is not a sub-run of mainRunId")
+                raise Refused.because(
+                    ErrorCode.FORBIDDEN_RUN, "a subRunId is not a sub-run of mainRunId"
+                )
             if sub is not main:
                 sessions.append(sub)
         for session in sessions:
             session.check_deadlines(event.now, out)
         if main.session_id != command.session_id or main.session_id == "":
-            raise Refused.because(ErrorCode.SESSION_MISMATCH, "sessionId is not mainRunId's session")
+            raise Refused.because(
+                ErrorCode.SESSION_MISMATCH, "sessionId is not mainRunId's session"
+            )
         if any(session.state is SessionState.DETACHED for session in sessions):
             # Nothing to resume: the attempt was lost (or a sub-run never attached). Not an error:
             # the protocol's answer is "no", and the runtime starts over with a fresh attach.
@@ -358,8 +366,9 @@ class Hub:
         for session in sessions:  # all or nothing: check every session before touching any
             session.guard_epoch(epoch, event.conn)
         claimant = Claimant("", None, None, frozenset())
-        pending = Pending(Op.RECOVER, event.conn, event.request_id,
-                          tuple(session.run_id for session in sessions))
+        pending = Pending(
+            Op.RECOVER, event.conn, event.request_id, tuple(session.run_id for session in sessions)
+        )
         pairs = tuple((session, Trigger.REATTACH) for session in sessions)
         self._claim(conn, event, pairs, epoch, claimant, pending, out)
 
@@ -382,8 +391,13 @@ class Hub:
                 displaced.append(old)
             conn.runs.add(session.run_id)
         for old in displaced:
-            self._close(old, CloseCode.SUPERSEDED, "a connection with a higher epoch took the run",
-                        event.now, out)
+            self._close(
+                old,
+                CloseCode.SUPERSEDED,
+                "a connection with a higher epoch took the run",
+                event.now,
+                out,
+            )
         out.append(ClaimEpoch(ticket, tuple(EpochClaim(s.record()) for s, _ in sessions)))
 
     def _heartbeat(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
@@ -391,16 +405,24 @@ class Hub:
         session = self._held(conn, command.run_id)
         session.heartbeat(event.conn, event.request_id, command, event.now, out)
 
-    def _use(self, conn: Connection, event: CommandReceived, run_id: str, session_id: str,
-             needs: Capability | None, out: list[Effect]) -> Session:
+    def _use(
+        self,
+        conn: Connection,
+        event: CommandReceived,
+        run_id: str,
+        session_id: str,
+        needs: Capability | None,
+        out: list[Effect],
+    ) -> Session:
         session = self._held(conn, run_id)
         session.use(event.conn, session_id, needs, event.now, out)
         return session
 
     def _get_secrets(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
         command: GetSecretsCommand = event.command  # type: ignore[assignment]
-        session = self._use(conn, event, command.run_id, command.session_id,
-                            Capability.SECRETS_READ, out)
+        session = self._use(
+            conn, event, command.run_id, command.session_id, Capability.SECRETS_READ, out
+        )
         granted = session.grant.secrets
         names = granted.keys() if command.names is None else command.names
         secrets = {name: granted[name] for name in names if name in granted}
@@ -413,17 +435,22 @@ class Hub:
 
     def _get_kv(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
         command: GetKVCommand = event.command  # type: ignore[assignment]
-        session = self._use(conn, event, command.run_id, command.session_id, Capability.KV_READ, out)
-        ticket = self._await_store(conn, Pending(Op.READ_KV, event.conn, event.request_id,
-                                                 (session.run_id,)))
+        session = self._use(
+            conn, event, command.run_id, command.session_id, Capability.KV_READ, out
+        )
+        ticket = self._await_store(
+            conn, Pending(Op.READ_KV, event.conn, event.request_id, (session.run_id,))
+        )
         out.append(ReadKV(ticket, session.run_id, command.keys))
 
     def _set_kv(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
         command: SetKVCommand = event.command  # type: ignore[assignment]
-        session = self._use(conn, event, command.run_id, command.session_id, Capability.KV_WRITE,
-                            out)
-        ticket = self._await_store(conn, Pending(Op.WRITE_KV, event.conn, event.request_id,
-                                                 (session.run_id,)))
+        session = self._use(
+            conn, event, command.run_id, command.session_id, Capability.KV_WRITE, out
+        )
+        ticket = self._await_store(
+            conn, Pending(Op.WRITE_KV, event.conn, event.request_id, (session.run_id,))
+        )
         out.append(WriteKV(ticket, session.run_id, session.epoch, command.kv))
 
     def _publish(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
@@ -432,8 +459,9 @@ class Hub:
         if not command.events:
             out.append(SendReply(event.conn, event.request_id, PublishOutputEventsResponse(True)))
             return
-        ticket = self._await_store(conn, Pending(Op.APPEND, event.conn, event.request_id,
-                                                 (session.run_id,)))
+        ticket = self._await_store(
+            conn, Pending(Op.APPEND, event.conn, event.request_id, (session.run_id,))
+        )
         out.append(AppendOutputs(ticket, session.run_id, session.epoch, command.events))
 
     def _ack_inputs(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
@@ -445,10 +473,11 @@ class Hub:
         if command.seq > session.input_sent:
             raise Refused.because(
                 ErrorCode.SEQ_GAP,
-                f"seq {command.seq} was not delivered yet; the last delivered is {session.input_sent}",
+                f"seq {command.seq} was not delivered yet; last delivered: {session.input_sent}",
             )
-        ticket = self._await_store(conn, Pending(Op.ACK, event.conn, event.request_id,
-                                                 (session.run_id,), command.seq))
+        ticket = self._await_store(
+            conn, Pending(Op.ACK, event.conn, event.request_id, (session.run_id,), command.seq)
+        )
         out.append(AckInputs(ticket, session.run_id, session.epoch, command.seq))
 
     # --- the store's answers --------------------------------------------------------------------
@@ -503,7 +532,8 @@ class Hub:
         if answer.outcome is AppendOutcome.FENCED:
             return ErrorPayload.of(ErrorCode.STALE_EPOCH, "a higher epoch holds this run now")
         return ErrorPayload.of(
-            ErrorCode.SEQ_GAP, f"the batch does not continue the log; next seq is {answer.expected_seq}"
+            ErrorCode.SEQ_GAP,
+            f"the batch does not continue the log; next seq is {answer.expected_seq}",
         )
 
     def _claim_answered(self, pending: Pending, event: StoreAnswered, out: list[Effect]) -> Any:
@@ -515,7 +545,9 @@ class Hub:
             if session is None:
                 granted = False
                 continue
-            acked = answer.input_acked_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
+            acked = (
+                answer.input_acked_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
+            )
             last = answer.input_last_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
             if not session.claim_answered(event.ticket, held, acked, last, event.now, out):
                 granted = False

@@ -8,7 +8,7 @@ from attrs.validators import ge
 
 @frozen
 class Policy:
-    """How long leases last, how long a lost runtime may come back, how fast a connection may talk."""
+    """Lease length, how long a lost runtime may come back, how fast a connection may talk."""
 
     heartbeat_interval_ms: int = field(default=10_000, validator=ge(1000))  # the seed's minimum
     lease_misses: int = field(default=3, validator=ge(1))

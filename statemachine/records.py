@@ -26,7 +26,7 @@ class SessionState(enum.Enum):
 
 @frozen
 class RunGrant:
-    """What the platform allows a run: capabilities, secrets, config; and its main run, if a sub-run."""
+    """What the platform allows a run (capabilities, secrets, config); its main run if a sub-run."""
 
     run_id: str
     capabilities: frozenset[Capability]
@@ -38,7 +38,7 @@ class RunGrant:
 
 @frozen
 class SessionRecord:
-    """A session's durable state: enough to fence stale runtimes and resume after a gateway restart."""
+    """A session's durable state: enough to fence stale runtimes and resume after a restart."""
 
     run_id: str
     session_id: str

@@ -44,6 +44,7 @@ class Claimant:
     runtime_instance_id: str | None
     capabilities: frozenset[Capability]
 
+
 _S = SessionState
 
 
@@ -97,7 +98,9 @@ class Session:
         """Move along the table and report the move; the caller carries out the returned action."""
         transition = TRANSITIONS[self.state, trigger]
         if transition.target is not self.state:
-            out.append(SessionChanged(self.run_id, self.session_id, self.state, transition.target, now))
+            out.append(
+                SessionChanged(self.run_id, self.session_id, self.state, transition.target, now)
+            )
             self.state = transition.target
         return transition.action
 
@@ -153,7 +156,7 @@ class Session:
     # --- claiming the session -------------------------------------------------------------------
 
     def guard_epoch(self, epoch: int, conn: ConnId) -> None:
-        """Refuse an epoch that cannot take the session: lower than seen, or equal while held live."""
+        """Refuse an epoch that cannot take the session: lower than seen, or equal but held."""
         if epoch < self.epoch:
             raise Refused.because(
                 ErrorCode.STALE_EPOCH,
@@ -196,7 +199,7 @@ class Session:
     def claim_answered(
         self, ticket: int, held: bool, acked: int, last: int, now: Millis, out: list[Effect]
     ) -> bool:
-        """The store answered our claim: grant the lease, or give the session up. True if granted."""
+        """The store answered our claim: grant the lease (True) or give the session up."""
         if ticket != self.claim_ticket:
             return False  # a later claim replaced this one; its connection was closed
         self.claim_ticket = None
@@ -223,13 +226,15 @@ class Session:
 
     # --- using the session ----------------------------------------------------------------------
 
-    def _guard_caller(self, conn: ConnId, session_id: str, trigger: Trigger, now: Millis,
-                      out: list[Effect]) -> Action:
+    def _guard_caller(
+        self, conn: ConnId, session_id: str, trigger: Trigger, now: Millis, out: list[Effect]
+    ) -> Action:
         """Check the caller holds this session, then look the trigger up."""
         self.check_deadlines(now, out)
         if conn != self.conn:
             raise Refused.because(
-                ErrorCode.NOT_ATTACHED, "this connection does not hold the run's session; attach first"
+                ErrorCode.NOT_ATTACHED,
+                "this connection does not hold the run's session; attach first",
             )
         if session_id != self.session_id:
             raise Refused.because(ErrorCode.SESSION_MISMATCH, "sessionId is not this run's session")
@@ -240,11 +245,17 @@ class Session:
                 "the lease expired; re-attach with reconnect: true or recover within the window",
             )
         if action is Action.NOT_ATTACHED:
-            raise Refused.because(ErrorCode.NOT_ATTACHED, "the session has no lease yet; wait for it")
+            raise Refused.because(
+                ErrorCode.NOT_ATTACHED, "the session has no lease yet; wait for it"
+            )
         return action
 
     def heartbeat(
-        self, conn: ConnId, request_id: str, command: HeartbeatCommand, now: Millis,
+        self,
+        conn: ConnId,
+        request_id: str,
+        command: HeartbeatCommand,
+        now: Millis,
         out: list[Effect],
     ) -> None:
         """Renew the lease of a live session (never one that already expired)."""
@@ -261,8 +272,14 @@ class Session:
         due = Millis(now + self.policy.heartbeat_interval_ms)
         out.append(SendReply(conn, request_id, HeartbeatResponse(True, due)))
 
-    def use(self, conn: ConnId, session_id: str, needs: Capability | None, now: Millis,
-            out: list[Effect]) -> None:
+    def use(
+        self,
+        conn: ConnId,
+        session_id: str,
+        needs: Capability | None,
+        now: Millis,
+        out: list[Effect],
+    ) -> None:
         """Admit a command (secrets, config, kv, outputs, acks) or refuse it with the reason."""
         self._guard_caller(conn, session_id, Trigger.USE, now, out)  # SERVE
         if needs is not None and needs not in self.capabilities:
@@ -286,8 +303,9 @@ class Session:
         self.input_reading = ticket
         return ReadInputs(ticket, self.run_id, self.input_sent, self.policy.input_batch)
 
-    def inputs_read(self, ticket: int, conn: ConnId, events: tuple[InputEvent, ...],
-                    out: list[Effect]) -> None:
+    def inputs_read(
+        self, ticket: int, conn: ConnId, events: tuple[InputEvent, ...], out: list[Effect]
+    ) -> None:
         """Send what the store returned, unless the connection changed while we read."""
         if ticket != self.input_reading:
             return

@@ -1,4 +1,4 @@
-"""The session transition table: for every (state, trigger), the next state and what the session does.
+"""The session transition table: for each (state, trigger), the next state and the action.
 
 This is the whole lifecycle of a run's session in one screen. `Session` (session.py) looks the pair
 up and runs the named action; nothing else moves a session between states. Guards that refuse a

@@ -1,0 +1,162 @@
+"""Real gateways for end-to-end tests: TLS from a trustme CA, loopback sockets, a SQLite file.
+
+Tests speak raw JSON through `Wire`, not through our codec or client, so what they check is the
+wire contract itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import trustme
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from gateway.config import Settings
+from gateway.embedded import RunningGateway, open_gateway
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+class CertificateAuthority:
+    """A throwaway CA: the gateway's certificate and the clients' trust, per test."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = trustme.CA()
+        leaf = self.ca.issue_cert("localhost", "127.0.0.1")
+        self.cert = directory / "cert.pem"
+        self.key = directory / "key.pem"
+        leaf.private_key_pem.write_to_path(str(self.key))
+        with self.cert.open("wb") as chain:
+            for blob in leaf.cert_chain_pems:
+                chain.write(blob.bytes())
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def client_context(self) -> ssl.SSLContext:
+        """An SSL context that trusts this CA only."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def settings_for(directory: Path, ca: CertificateAuthority, **overrides: Any) -> Settings:
+    """Settings for a gateway on ephemeral loopback ports with this test's CA."""
+    values: dict[str, Any] = {
+        "data_dir": directory / "data",
+        "port": 0,
+        "control_port": 0,
+        "tls_cert": ca.cert,
+        "tls_key": ca.key,
+        "admin_token": ADMIN_TOKEN,
+        "store_sync": "normal",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def gateway_for_test(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
+    """Start a gateway for one test and hand out a harness to talk to it."""
+    ca = CertificateAuthority(tmp_path)
+    async with (
+        open_gateway(settings_for(tmp_path, ca, **overrides)) as running,
+        httpx.AsyncClient(
+            base_url=running.control_url,
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        ) as http,
+    ):
+        yield Harness(running, ca, http)
+
+
+class Harness:
+    """A running gateway plus the platform's HTTP client and a way to connect runtimes."""
+
+    def __init__(
+        self, running: RunningGateway, ca: CertificateAuthority, http: httpx.AsyncClient
+    ) -> None:
+        self.running = running
+        self.ca = ca
+        self.http = http
+
+    async def create_run(self, **body: Any) -> tuple[str, str]:
+        """Register a run through the control API; return (runId, runtimeToken)."""
+        body.setdefault("capabilities", ["secrets.read", "kv.read", "kv.write"])
+        body.setdefault("secrets", {})
+        body.setdefault("config", {})
+        response = await self.http.post("/v1/runs", json=body)
+        assert response.status_code == 201, response.text
+        created = response.json()
+        return created["runId"], created["runtimeToken"]
+
+    @asynccontextmanager
+    async def wire(self, token: str | None) -> AsyncIterator[Wire]:
+        """A raw WebSocket to /runtime carrying this bearer token."""
+        headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
+        async with open_websocket_url(
+            self.running.runtime_url, ssl_context=self.ca.client_context(), extra_headers=headers
+        ) as ws:
+            yield Wire(ws)
+
+
+class Wire:
+    """JSON frames over one WebSocket, with request ids handed out in order."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.stash: list[dict[str, Any]] = []
+
+    async def send(self, channel: str, payload: Any, request_id: str | None = None) -> str:
+        """Send one command frame; return its id."""
+        request_id = request_id or f"r{next(self._ids)}"
+        await self.ws.send_message(
+            json.dumps({"channel": channel, "id": request_id, "payload": payload})
+        )
+        return request_id
+
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        """The next frame from the gateway."""
+        if self.stash:
+            return self.stash.pop(0)
+        with trio.fail_after(timeout):
+            frame: dict[str, Any] = json.loads(await self.ws.get_message())
+        return frame
+
+    async def answer(self, request_id: str, timeout: float = 10) -> dict[str, Any]:
+        """The answer to one request; other frames (deliveries) are kept for `recv`."""
+        with trio.fail_after(timeout):
+            while True:
+                frame: dict[str, Any] = json.loads(await self.ws.get_message())
+                if frame["id"] == request_id and frame["channel"] != "service.task.input.event":
+                    return frame
+                self.stash.append(frame)
+
+    async def call(self, channel: str, payload: Any) -> dict[str, Any]:
+        """Send a command and wait for its one answer."""
+        return await self.answer(await self.send(channel, payload))
+
+    async def attach(self, run_id: str, **extra: Any) -> dict[str, Any]:
+        """Attach and return the reply payload (fails the test on an error frame)."""
+        payload = {"runId": run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}
+        payload.update(extra)
+        frame = await self.call("runtime.session.attach.command", payload)
+        assert frame["channel"] == "runtime.session.attach.reply", frame
+        reply: dict[str, Any] = frame["payload"]
+        return reply
+
+
+def error_code(frame: dict[str, Any]) -> str:
+    """The error code of an error frame (fails if the frame is not an error)."""
+    assert frame["channel"] == "runtime.session.error", frame
+    code: str = frame["payload"]["code"]
+    return code

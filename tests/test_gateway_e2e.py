@@ -1,0 +1,397 @@
+"""Every channel and every error a runtime can provoke, over real TLS sockets to a real gateway."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from e2e_support import Harness, Wire, error_code, gateway_for_test
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+HEARTBEAT = "runtime.session.heartbeat.command"
+RECOVER = "runtime.session.recover.command"
+SECRETS = "runtime.session.secrets.get.command"
+CONFIG = "runtime.session.config.get.command"
+KV_GET = "runtime.session.kv.get.command"
+KV_SET = "runtime.session.kv.set.command"
+OUTPUT = "runtime.task.output.event"
+ACK = "runtime.task.input.ack.command"
+INPUT = "service.task.input.event"
+
+
+def event(seq: int, text: str = "x") -> dict[str, Any]:
+    """An output event as a runtime would publish it."""
+    return {
+        "eventId": f"evt-{seq}",
+        "seq": seq,
+        "type": "log.line",
+        "data": {"text": text},
+        "timestamp": "2026-11-21T12:00:00.000Z",
+    }
+
+
+async def attached(h: Harness, wire: Wire, run_id: str, **extra: Any) -> dict[str, Any]:
+    """Attach and return the ids every later command needs."""
+    reply = await wire.attach(run_id, **extra)
+    return {"sessionId": reply["sessionId"], "runId": run_id}
+
+
+async def outputs(h: Harness, run_id: str, after: int = -1) -> list[dict[str, Any]]:
+    """What the platform reads of a run's output log."""
+    response = await h.http.get(f"/v1/runs/{run_id}/outputs", params={"after": after})
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+async def test_attach_heartbeat_config_secrets(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(
+            secrets={"API_KEY": "s3cr3t-value", "OTHER": "other-value"},
+            config={"model": "m1", "temperature": 0.5},
+            configVersion="cfg-7",
+        )
+        async with h.wire(token) as wire:
+            reply = await wire.attach(run_id, capabilities=["secrets.read"])
+            assert reply["runId"] == run_id
+            assert reply["sessionId"].startswith("ses_")
+            assert reply["heartbeatIntervalMs"] >= 1000
+            assert reply["configVersion"] == "cfg-7"
+            ids = {"sessionId": reply["sessionId"], "runId": run_id}
+
+            beat = await wire.call(HEARTBEAT, ids)
+            assert beat["channel"] == "runtime.session.heartbeat.reply"
+            assert beat["payload"]["accepted"] is True
+            assert beat["payload"]["nextHeartbeatDueAt"].endswith("Z")
+
+            config = await wire.call(CONFIG, ids)
+            assert config["payload"] == {"config": {"model": "m1", "temperature": 0.5}}
+
+            named = await wire.call(SECRETS, {**ids, "names": ["API_KEY", "MISSING"]})
+            assert named["payload"] == {"secrets": {"API_KEY": "s3cr3t-value"}}
+            everything = await wire.call(SECRETS, ids)
+            assert everything["payload"]["secrets"] == {
+                "API_KEY": "s3cr3t-value",
+                "OTHER": "other-value",
+            }
+            # kv.read was not asked for at attach, so it was not granted.
+            assert (
+                error_code(await wire.call(KV_GET, {**ids, "keys": ["a"]})) == "capability_denied"
+            )
+
+        view = (await h.http.get(f"/v1/runs/{run_id}/session")).json()
+        assert view["sessionId"] == ids["sessionId"]
+        assert "s3cr3t-value" not in json.dumps(view)
+
+
+async def test_capabilities_are_what_was_asked_and_allowed(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(capabilities=["kv.read"], secrets={"K": "value-1"})
+        async with h.wire(token) as wire:
+            ids = await attached(
+                h, wire, run_id, capabilities=["kv.read", "kv.write", "secrets.read"]
+            )
+            assert error_code(await wire.call(SECRETS, ids)) == "capability_denied"
+            assert error_code(await wire.call(KV_SET, {**ids, "kv": {"a": "1"}})) == (
+                "capability_denied"
+            )
+            got = await wire.call(KV_GET, {**ids, "keys": ["a"]})
+            assert got["payload"] == {"kv": {}}
+
+
+async def test_kv_is_durable_and_per_run(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_a, token_a = await h.create_run()
+        run_b, token_b = await h.create_run()
+        async with h.wire(token_a) as wire:
+            ids = await attached(h, wire, run_a, capabilities=["kv.read", "kv.write"])
+            done = await wire.call(KV_SET, {**ids, "kv": {"step": "3", "phase": "plan"}})
+            assert done["payload"] == {"accepted": True}
+            got = await wire.call(KV_GET, {**ids, "keys": ["step", "phase", "nope"]})
+            assert got["payload"] == {"kv": {"step": "3", "phase": "plan"}}
+        async with h.wire(token_b) as wire:
+            ids = await attached(h, wire, run_b, capabilities=["kv.read"])
+            got = await wire.call(KV_GET, {**ids, "keys": ["step"]})
+            assert got["payload"] == {"kv": {}}
+
+
+async def test_outputs_are_ordered_idempotent_and_gapless(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            first = await wire.call(OUTPUT, {**ids, "events": [event(0), event(1)]})
+            assert first == {
+                "channel": "runtime.task.output.reply",
+                "id": first["id"],
+                "payload": {"accepted": True},
+            }
+            # A re-publish after a reconnect overlaps what was stored: stored once.
+            again = await wire.call(OUTPUT, {**ids, "events": [event(1), event(2)]})
+            assert again["payload"] == {"accepted": True}
+            gap = await wire.call(OUTPUT, {**ids, "events": [event(5)]})
+            assert error_code(gap) == "seq_gap"
+            assert "3" in gap["payload"]["message"]
+        stored = await outputs(h, run_id)
+        assert [e["seq"] for e in stored] == [0, 1, 2]
+        assert [e["eventId"] for e in stored] == ["evt-0", "evt-1", "evt-2"]
+        page = (await h.http.get(f"/v1/runs/{run_id}/outputs", params={"after": 1})).json()
+        assert [e["seq"] for e in page["events"]] == [2]
+        assert page["next"] == 2
+
+
+async def test_secret_values_echoed_into_outputs_are_masked(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(secrets={"TOKEN": "hunter2-very-secret"})
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            leak = event(0, "using token hunter2-very-secret now")
+            assert (await wire.call(OUTPUT, {**ids, "events": [leak]}))["payload"]["accepted"]
+        stored = await outputs(h, run_id)
+        assert stored[0]["data"]["text"] == "using token *** now"
+
+
+async def test_long_poll_returns_when_an_output_arrives(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        got: list[Any] = []
+
+        async def platform() -> None:
+            response = await h.http.get(
+                f"/v1/runs/{run_id}/outputs", params={"after": -1, "wait": 20}
+            )
+            got.append(response.json())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(platform)
+            async with h.wire(token) as wire:
+                ids = await attached(h, wire, run_id)
+                await trio.sleep(0.2)
+                await wire.call(OUTPUT, {**ids, "events": [event(0)]})
+                with trio.fail_after(5):
+                    while not got:
+                        await trio.sleep(0.01)
+        assert [e["seq"] for e in got[0]["events"]] == [0]
+
+
+async def test_inputs_delivered_in_order_acked_and_redelivered(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        posted = await h.http.post(
+            f"/v1/runs/{run_id}/inputs",
+            json={"events": [{"type": "task.input", "data": {"n": n}} for n in range(3)]},
+        )
+        assert posted.status_code == 202, posted.text
+        assert posted.json()["seqs"] == [0, 1, 2]
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            delivery = await wire.recv()
+            assert delivery["channel"] == INPUT
+            assert delivery["payload"]["sessionId"] == ids["sessionId"]
+            assert [e["seq"] for e in delivery["payload"]["events"]] == [0, 1, 2]
+            assert [e["data"]["n"] for e in delivery["payload"]["events"]] == [0, 1, 2]
+            ack = await wire.call(ACK, {**ids, "seq": 0})
+            assert ack["payload"] == {"accepted": True}
+            # On a live connection nothing is sent twice, acknowledged or not.
+            await h.http.post(
+                f"/v1/runs/{run_id}/inputs",
+                json={"events": [{"type": "task.input", "data": {"n": 3}}]},
+            )
+            live = await wire.recv()
+            assert [e["seq"] for e in live["payload"]["events"]] == [3]
+            beyond = await wire.call(ACK, {**ids, "seq": 9})
+            assert error_code(beyond) == "seq_gap"
+        # After a reconnect, whatever was not acknowledged comes again.
+        async with h.wire(token) as wire:
+            await wire.attach(run_id, reconnect=True, connectionEpoch=1)
+            again = await wire.recv()
+            assert [e["seq"] for e in again["payload"]["events"]] == [1, 2, 3]
+
+
+async def test_reconnect_resumes_the_session_and_supersedes_the_old_connection(
+    tmp_path: Path,
+) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as old:
+            first = await old.attach(run_id, connectionEpoch=0)
+            async with h.wire(token) as new:
+                second = await new.attach(run_id, reconnect=True, connectionEpoch=1)
+                assert second["sessionId"] == first["sessionId"]
+                with pytest.raises(ConnectionClosed) as closed:
+                    await old.recv(timeout=5)
+                assert closed.value.reason.code == 4001
+                ids = {"sessionId": second["sessionId"], "runId": run_id}
+                assert (await new.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+                view = (await h.http.get(f"/v1/runs/{run_id}/session")).json()
+                assert view["connectionEpoch"] == 1
+            async with h.wire(token) as stale:
+                frame = await stale.call(
+                    "runtime.session.attach.command",
+                    {
+                        "runId": run_id,
+                        "runtimeInstanceId": "rt-old",
+                        "protocolVersion": "v1",
+                        "reconnect": True,
+                        "connectionEpoch": 0,
+                    },
+                )
+                assert error_code(frame) == "stale_epoch"
+
+
+async def test_lease_expires_then_recovers_within_the_window(tmp_path: Path) -> None:
+    async with gateway_for_test(
+        tmp_path, heartbeat_interval_ms=1000, lease_misses=1, recovery_window_ms=30_000
+    ) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            await trio.sleep(1.3)
+            view = (await h.http.get(f"/v1/runs/{run_id}/session")).json()
+            assert view["state"] == "expired"
+            assert error_code(await wire.call(HEARTBEAT, ids)) == "lease_expired"
+            assert error_code(await wire.call(CONFIG, ids)) == "lease_expired"
+            back = await wire.attach(run_id, reconnect=True, connectionEpoch=1)
+            assert back["sessionId"] == ids["sessionId"]
+            assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+        metrics = (await h.http.get("/metrics")).text
+        assert "agent_gateway_lease_expiries_total 1.0" in metrics
+
+
+async def test_recover_main_run_and_sub_runs_on_a_new_connection(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        main_id, token = await h.create_run()
+        sub_id, _ = await h.create_run(mainRunId=main_id)
+        async with h.wire(token) as wire:
+            main = await wire.attach(main_id)
+            sub = await wire.attach(sub_id)
+        async with h.wire(token) as wire:
+            recovered = await wire.call(
+                RECOVER,
+                {
+                    "sessionId": main["sessionId"],
+                    "mainRunId": main_id,
+                    "subRunIds": [sub_id],
+                    "connectionEpoch": 1,
+                },
+            )
+            assert recovered["payload"] == {"accepted": True}
+            for run_id, reply in ((main_id, main), (sub_id, sub)):
+                beat = await wire.call(
+                    HEARTBEAT, {"sessionId": reply["sessionId"], "runId": run_id}
+                )
+                assert beat["payload"]["accepted"] is True
+
+
+async def test_every_command_before_attach_is_not_attached(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        ids = {"sessionId": "ses_0123456789abcdef", "runId": run_id}
+        async with h.wire(token) as wire:
+            for channel, payload in [
+                (HEARTBEAT, ids),
+                (SECRETS, ids),
+                (CONFIG, ids),
+                (KV_GET, {**ids, "keys": []}),
+                (KV_SET, {**ids, "kv": {}}),
+                (OUTPUT, {**ids, "events": []}),
+                (ACK, {**ids, "seq": 0}),
+            ]:
+                assert error_code(await wire.call(channel, payload)) == "not_attached", channel
+
+
+async def test_refusals_with_their_codes(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, token = await h.create_run()
+        other_id, _ = await h.create_run()
+        async with h.wire(token) as wire:
+            await wire.ws.send_message("{not json")
+            unreadable = await wire.recv()
+            assert unreadable["id"] is None and error_code(unreadable) == "invalid_frame"
+            await wire.ws.send_message(b"\x00\x01binary")
+            assert error_code(await wire.recv()) == "invalid_frame"
+            assert error_code(await wire.call("no.such.channel", {})) == "unknown_channel"
+            assert error_code(await wire.call("runtime.session.attach.reply", {})) == (
+                "unknown_channel"
+            )
+            missing = await wire.call("runtime.session.attach.command", {"runId": run_id})
+            assert error_code(missing) == "invalid_frame"
+            assert missing["payload"]["path"].startswith("/payload")
+            assert error_code(
+                await wire.call(
+                    "runtime.session.attach.command",
+                    {"runId": other_id, "runtimeInstanceId": "rt", "protocolVersion": "v1"},
+                )
+            ) == ("forbidden_run")
+            assert error_code(
+                await wire.call(
+                    "runtime.session.attach.command",
+                    {"runId": run_id, "runtimeInstanceId": "rt", "protocolVersion": "v9"},
+                )
+            ) == ("unsupported_version")
+            ids = await attached(h, wire, run_id)
+            wrong = {"sessionId": "ses_ffffffffffffffff", "runId": run_id}
+            assert error_code(await wire.call(HEARTBEAT, wrong)) == "session_mismatch"
+            big = await wire.call(OUTPUT, {**ids, "events": [event(0, "y" * 5000)]})
+            assert error_code(big) == "payload_too_large"
+            # Still serving after every refusal:
+            assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+
+
+async def test_rate_limit(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path, command_rate=1.0, command_burst=3.0) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            codes = []
+            for _ in range(4):
+                frame = await wire.call(HEARTBEAT, ids)
+                codes.append(
+                    frame["channel"] if "error" not in frame["channel"] else error_code(frame)
+                )
+            assert codes[-1] == "rate_limited"
+            assert codes.count("rate_limited") >= 1
+
+
+async def test_handshake_refusals(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        for bad in (None, "", "agt_wrong", "x" * 300):
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with h.wire(bad):
+                    pass
+            assert rejected.value.status_code == 401
+            assert b"unauthorized" in (rejected.value.body or b"")
+        assert (await h.http.delete(f"/v1/runs/{run_id}")).status_code == 204
+        with pytest.raises(ConnectionRejected) as revoked:
+            async with h.wire(token):
+                pass
+        assert revoked.value.status_code == 401
+
+
+async def test_revocation_closes_the_connection(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            await wire.attach(run_id)
+            assert (await h.http.delete(f"/v1/runs/{run_id}")).status_code == 204
+            with pytest.raises(ConnectionClosed) as closed:
+                await wire.recv(timeout=5)
+            assert closed.value.reason.code == 4002
+
+
+async def test_drain_tells_runtimes_to_reconnect(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            await wire.attach(run_id)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(h.running.service.drain)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await wire.recv(timeout=5)
+            assert closed.value.reason.code == 1012
+        health = await h.http.get("/healthz")
+        assert health.status_code == 503
