@@ -365,7 +365,7 @@ class Hub:
             epoch = max(session.epoch for session in sessions)
         for session in sessions:  # all or nothing: check every session before touching any
             session.guard_epoch(epoch, event.conn)
-        claimant = Claimant("", None, None, frozenset())
+        claimant = Claimant("", None, None, None)
         pending = Pending(
             Op.RECOVER, event.conn, event.request_id, tuple(session.run_id for session in sessions)
         )

@@ -42,7 +42,7 @@ class Claimant:
     fresh_session_id: str
     attempt_id: str | None
     runtime_instance_id: str | None
-    capabilities: frozenset[Capability]
+    capabilities: frozenset[Capability] | None  # None: recover, which keeps what was granted
 
 
 _S = SessionState
@@ -183,10 +183,11 @@ class Session:
         if trigger is Trigger.ATTACH or not resumable:
             self.session_id = claimant.fresh_session_id
             self.attempt_id = claimant.attempt_id
+        if claimant.runtime_instance_id is not None:
             self.runtime_instance_id = claimant.runtime_instance_id
+        if claimant.capabilities is not None:
+            # Every attach states what the runtime wants now; the grant still bounds it.
             self.capabilities = claimant.capabilities
-        elif claimant.runtime_instance_id is not None:
-            self.runtime_instance_id = claimant.runtime_instance_id
         self._fire(trigger, now, out)  # CLAIM from every state
         displaced = self.conn if self.conn is not None and self.conn != conn else None
         self.conn = conn

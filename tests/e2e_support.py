@@ -98,9 +98,13 @@ class Harness:
         return created["runId"], created["runtimeToken"]
 
     @asynccontextmanager
-    async def wire(self, token: str | None) -> AsyncIterator[Wire]:
-        """A raw WebSocket to /runtime carrying this bearer token."""
-        headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
+    async def wire(
+        self, token: str | None, *, authorization: str | None = None
+    ) -> AsyncIterator[Wire]:
+        """A raw WebSocket to /runtime carrying this bearer token (or this raw header value)."""
+        if authorization is None and token is not None:
+            authorization = f"Bearer {token}"
+        headers = [] if authorization is None else [(b"authorization", authorization.encode())]
         async with open_websocket_url(
             self.running.runtime_url, ssl_context=self.ca.client_context(), extra_headers=headers
         ) as ws:

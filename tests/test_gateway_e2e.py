@@ -359,11 +359,12 @@ async def test_rate_limit(tmp_path: Path) -> None:
 async def test_handshake_refusals(tmp_path: Path) -> None:
     async with gateway_for_test(tmp_path) as h:
         run_id, token = await h.create_run()
-        for bad in (None, "", "agt_wrong", "x" * 300):
+        for header in (None, "Bearer agt_wrong", "Bearer " + "x" * 300, f"Basic {token}",
+                       f"Bearer {token}x", "Bearer", f"Bearer {token[:-1]}"):
             with pytest.raises(ConnectionRejected) as rejected:
-                async with h.wire(bad):
+                async with h.wire(None, authorization=header):
                     pass
-            assert rejected.value.status_code == 401
+            assert rejected.value.status_code == 401, header
             assert b"unauthorized" in (rejected.value.body or b"")
         assert (await h.http.delete(f"/v1/runs/{run_id}")).status_code == 204
         with pytest.raises(ConnectionRejected) as revoked:
