@@ -1,0 +1,610 @@
+"""The platform's control API: HTTP+JSON on Starlette, served by Hypercorn's trio worker.
+
+The platform registers runs (and gets each run's runtime token, once), posts input events, reads
+output events with a long poll, looks at sessions and revokes runs. The contract is
+`spec/v1/api/control.openapi.yaml`; every refusal is an RFC 9457 problem body whose `detail`
+names the rule that was broken and never a value from the request (a value may be a secret).
+
+Request bodies are parsed as strictly as runtime frames are (no duplicate keys, no NaN, integers
+within 64 bits, no lone surrogates) and may nest at most `BODY_DEPTH` levels, so every value the
+platform stores here still fits in a runtime frame when the gateway passes it on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import secrets
+import traceback
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Final, NoReturn, cast
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.codec import CONVERTER, MAX_DEPTH, format_millis
+from gateway.config import Settings
+from gateway.service import Gateway, SessionView
+from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
+from statemachine.messages import Capability, Millis
+
+log = logging.getLogger("agent_gateway.control")
+
+PROBLEM_BASE: Final = "https://agent-gateway.dev/problems/"
+"""Prefix of every problem `type` URI (shared with the runtime endpoint's handshake refusals)."""
+
+MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+"""Largest request body read; larger ones get 413 before they are parsed."""
+
+MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
+"""An outputs page stops adding events past this size (it always holds at least one)."""
+
+BODY_DEPTH: Final = MAX_DEPTH - 1
+"""Deepest nesting of a request body. A body's `config` or an input's `data` is then at most as
+deep as the runtime frame that carries it allows (the codec's MAX_DEPTH, envelope included)."""
+
+MAX_EVENTS: Final = 1000
+MAX_LIMIT: Final = 1000
+MAX_WAIT_S: Final = 60.0
+MAX_SEQ: Final = 2**53 - 1
+MAX_CAPABILITIES: Final = 32
+MAX_SECRETS: Final = 256
+MAX_NAME_LENGTH: Final = 256
+MAX_SECRET_LENGTH: Final = 65536
+MAX_CONFIG_KEYS: Final = 1024
+MAX_CONFIG_VERSION_LENGTH: Final = 256
+MAX_DATA_KEYS: Final = 256
+FRAME_HEADROOM: Final = 1024
+"""Bytes of a delivery frame that are not the event itself (envelope, session and run ids)."""
+
+RUN_ID: Final = re.compile(r"run_[A-Za-z0-9]{8,64}")
+EVENT_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EVENT_TYPE: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+_INTEGER: Final = re.compile(r"-?[0-9]{1,20}")
+_NUMBER: Final = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,4})?")
+_CAPABILITIES: Final = {capability.value: capability for capability in Capability}
+_JSON: Final = "application/json"
+_PROBLEM_JSON: Final = "application/problem+json"
+
+TITLES: Final[Mapping[str, str]] = {
+    "malformed-json": "The body is not acceptable JSON",
+    "invalid-request": "The request breaks the API's schema",
+    "unauthorized": "Missing or wrong admin token",
+    "not-found": "No such route",
+    "unknown-run": "No such run",
+    "unknown-main-run": "No such main run",
+    "method-not-allowed": "Method not allowed on this route",
+    "run-exists": "The run id is taken",
+    "payload-too-large": "The body is too large",
+    "unsupported-media-type": "The body must be JSON",
+    "internal": "Internal error",
+    "store-unavailable": "The store could not answer",
+}
+"""Every problem this API answers with, by the slug ending its `type` URI."""
+
+
+class Problem(Exception):
+    """A refusal: handlers raise it, and it becomes an RFC 9457 problem response."""
+
+    def __init__(self, status: int, slug: str, detail: str, *, pointer: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.pointer = pointer
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        """The problem as an `application/problem+json` response."""
+        body: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.slug,
+            "title": TITLES[self.slug],
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.pointer is not None:
+            body["pointer"] = self.pointer
+        return Response(orjson.dumps(body), self.status, self.headers, _PROBLEM_JSON)
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, dict(headers or {}), _JSON)
+
+
+# --- strict JSON bodies --------------------------------------------------------------------------
+
+
+class _Refused(ValueError):
+    """Well-formed JSON text that this API does not accept (raised from the parser's hooks)."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Refused("an object has a duplicate key")
+    return obj
+
+
+def _no_constant(_: str) -> NoReturn:
+    raise _Refused("NaN and Infinity are not JSON numbers")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused("a number overflows a double")
+    return value
+
+
+def _int(text: str) -> int:
+    value = int(text) if len(text) <= 20 else 1 << 64
+    if not -(1 << 63) <= value < 1 << 63:
+        raise _Refused("an integer is outside the signed 64-bit range")
+    return value
+
+
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_object, parse_float=_float, parse_int=_int, parse_constant=_no_constant
+)
+
+
+def _depth(doc: Any) -> int:
+    """How deeply arrays and objects nest in `doc` (a scalar is 0), without recursing."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_body(raw: bytes) -> Any:
+    """Parse a request body as strictly as the runtime protocol parses frames (or raise 400)."""
+    try:
+        text = raw.decode("utf-8")
+        doc = _DECODER.decode(text)
+    except UnicodeDecodeError:
+        raise Problem(400, "malformed-json", "the body is not valid UTF-8") from None
+    except _Refused as refused:
+        raise Problem(400, "malformed-json", f"the body is refused: {refused}") from None
+    except RecursionError:
+        raise Problem(400, "malformed-json", f"the body nests deeper than {BODY_DEPTH} levels") \
+            from None
+    except ValueError:
+        raise Problem(400, "malformed-json", "the body is not JSON") from None
+    if _depth(doc) > BODY_DEPTH:
+        raise Problem(400, "malformed-json", f"the body nests deeper than {BODY_DEPTH} levels")
+    if "\\u" in text:
+        try:
+            orjson.dumps(doc)  # a lone surrogate escape cannot be stored or sent on
+        except orjson.JSONEncodeError:
+            raise Problem(400, "malformed-json", "the body has a lone UTF-16 surrogate") from None
+    return doc
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, after checking its media type and size."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != _JSON and not (media.startswith("application/") and media.endswith("+json")):
+        raise Problem(415, "unsupported-media-type", "send the body as application/json")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise Problem(413, "payload-too-large", f"the body is over {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Problem(413, "payload-too-large", f"the body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return parse_body(b"".join(chunks))
+
+
+# --- request validation (rules mirror the OpenAPI document's schemas) ----------------------------
+
+
+def _at(pointer: str, key: str | int) -> str:
+    segment = str(key)[:MAX_NAME_LENGTH].replace("~", "~0").replace("/", "~1")
+    return f"{pointer}/{segment}"
+
+
+def _invalid(pointer: str, rule: str) -> Problem:
+    where = f"`{pointer}`" if pointer else "the body"
+    return Problem(422, "invalid-request", f"{where} {rule}", pointer=pointer)
+
+
+def _fields(value: Any, pointer: str, required: tuple[str, ...],
+            optional: tuple[str, ...]) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _invalid(pointer, "must be a JSON object")
+    for key in value:
+        if key not in required and key not in optional:
+            raise _invalid(_at(pointer, key), "is not a field of this object")
+    for key in required:
+        if key not in value:
+            raise _invalid(_at(pointer, key), "is required")
+    return value
+
+
+def _text(value: Any, pointer: str, *, max_length: int, min_length: int = 0,
+          pattern: re.Pattern[str] | None = None) -> str:
+    if type(value) is not str:
+        raise _invalid(pointer, "must be a string")
+    if not min_length <= len(value) <= max_length:
+        raise _invalid(pointer, f"must be {min_length} to {max_length} characters long")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _invalid(pointer, f"must match {pattern.pattern}")
+    return value
+
+
+def _map(value: Any, pointer: str, max_keys: int) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _invalid(pointer, "must be a JSON object")
+    if len(value) > max_keys:
+        raise _invalid(pointer, f"must have at most {max_keys} properties")
+    return value
+
+
+def _create_args(body: Any) -> dict[str, Any]:
+    """`Gateway.create_run`'s keyword arguments from a `POST /v1/runs` body (or raise 422)."""
+    body = _fields(body, "", ("capabilities", "secrets", "config"),
+                   ("runId", "configVersion", "mainRunId"))
+    args: dict[str, Any] = {}
+    if "runId" in body:
+        args["run_id"] = _text(body["runId"], "/runId", max_length=68, pattern=RUN_ID)
+    if "mainRunId" in body:
+        args["main_run_id"] = _text(body["mainRunId"], "/mainRunId", max_length=68,
+                                    pattern=RUN_ID)
+    if "configVersion" in body:
+        args["config_version"] = _text(body["configVersion"], "/configVersion", min_length=1,
+                                       max_length=MAX_CONFIG_VERSION_LENGTH)
+    names = body["capabilities"]
+    if type(names) is not list:
+        raise _invalid("/capabilities", "must be an array")
+    if len(names) > MAX_CAPABILITIES:
+        raise _invalid("/capabilities", f"must have at most {MAX_CAPABILITIES} items")
+    for index, name in enumerate(names):
+        if type(name) is not str or name not in _CAPABILITIES:
+            raise _invalid(_at("/capabilities", index), "is not a capability of protocol v1")
+    if len(set(names)) != len(names):
+        raise _invalid("/capabilities", "must not name a capability twice")
+    args["capabilities"] = [_CAPABILITIES[name] for name in names]
+    granted = _map(body["secrets"], "/secrets", MAX_SECRETS)
+    for name, value in granted.items():
+        _text(name, _at("/secrets", name), min_length=1, max_length=MAX_NAME_LENGTH)
+        if type(value) is not str:
+            raise _invalid(_at("/secrets", name), "must be a string")
+        if len(value) > MAX_SECRET_LENGTH:
+            raise _invalid(_at("/secrets", name), f"must be at most {MAX_SECRET_LENGTH} "
+                           "characters long")
+    args["secrets_"] = granted
+    args["config"] = _map(body["config"], "/config", MAX_CONFIG_KEYS)
+    return args
+
+
+def _new_inputs(body: Any, now: Millis, max_event_bytes: int) -> list[NewInput]:
+    """The input events of a `POST /v1/runs/{runId}/inputs` body (or raise 422)."""
+    events = _fields(body, "", ("events",), ())["events"]
+    if type(events) is not list:
+        raise _invalid("/events", "must be an array")
+    if not 1 <= len(events) <= MAX_EVENTS:
+        raise _invalid("/events", f"must have 1 to {MAX_EVENTS} items")
+    inputs = []
+    for index, event in enumerate(events):
+        at = _at("/events", index)
+        _fields(event, at, ("type", "data"), ("eventId",))
+        if "eventId" in event:
+            event_id = _text(event["eventId"], at + "/eventId", min_length=1, max_length=128,
+                             pattern=EVENT_ID)
+        else:
+            event_id = "evt_" + secrets.token_hex(16)
+        kind = _text(event["type"], at + "/type", min_length=1, max_length=128,
+                     pattern=EVENT_TYPE)
+        data = _map(event["data"], at + "/data", MAX_DATA_KEYS)
+        if len(orjson.dumps(data)) > max_event_bytes:
+            raise _invalid(at + "/data", f"must encode to at most {max_event_bytes} bytes "
+                           "(one runtime frame)")
+        inputs.append(NewInput(event_id=event_id, type=kind, data=data, timestamp=now))
+    return inputs
+
+
+def _query(request: Request, name: str, syntax: re.Pattern[str]) -> str | None:
+    values = request.query_params.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Problem(422, "invalid-request", f"query parameter `{name}` is given more than once")
+    if len(values[0]) > 64 or not syntax.fullmatch(values[0]):
+        raise Problem(422, "invalid-request", f"query parameter `{name}` must be a number")
+    return values[0]
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = _query(request, name, _INTEGER)
+    value = default if text is None else int(text)
+    if not low <= value <= high:
+        raise Problem(422, "invalid-request",
+                      f"query parameter `{name}` must be an integer from {low} to {high}")
+    return value
+
+
+def _query_seconds(request: Request, name: str, high: float) -> float:
+    text = _query(request, name, _NUMBER)
+    value = 0.0 if text is None else float(text)
+    if not 0 <= value <= high:  # also false for NaN, which the syntax cannot produce anyway
+        raise Problem(422, "invalid-request",
+                      f"query parameter `{name}` must be a number from 0 to {high:g}")
+    return value
+
+
+def _run_id(request: Request) -> str:
+    """The path's run id; one that cannot exist is simply unknown."""
+    run_id: str = request.path_params["run_id"]
+    if not RUN_ID.fullmatch(run_id):
+        raise Problem(404, "unknown-run", "no run has this id")
+    return run_id
+
+
+def _store_failed() -> Problem:
+    return Problem(503, "store-unavailable", "the store failed; retry after backing off",
+                   headers={"retry-after": "1"})
+
+
+# --- the routes ----------------------------------------------------------------------------------
+
+
+def session_json(view: SessionView) -> dict[str, Any]:
+    """A session view as the API shows it."""
+    return {
+        "runId": view.run_id,
+        "state": view.state.value,
+        "sessionId": view.session_id,
+        "connectionEpoch": view.connection_epoch,
+        "leaseExpiresAt": None if view.lease_expires_at is None
+        else format_millis(view.lease_expires_at),
+        "capabilities": list(view.capabilities),
+        "connected": view.connected,
+    }
+
+
+class _Routes:
+    """The handlers, bound to one gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def create_run(self, request: Request) -> Response:
+        """POST /v1/runs: register a run and hand out its runtime token (once)."""
+        args = _create_args(await read_json(request))
+        try:
+            grant, token = await self.gateway.create_run(**args)
+        except RunExists:
+            raise Problem(409, "run-exists", "a run with this runId exists or existed") from None
+        except UnknownRun:
+            raise Problem(404, "unknown-main-run", "mainRunId names no live main run (unknown, "
+                          "revoked, or itself a sub-run)") from None
+        except StoreError:
+            raise _store_failed() from None
+        body = {"runId": grant.run_id, "runtimeToken": token,
+                "configVersion": grant.config_version}
+        if grant.main_run_id is not None:
+            body["mainRunId"] = grant.main_run_id
+        return _json(body, 201, {"cache-control": "no-store"})
+
+    async def revoke_run(self, request: Request) -> Response:
+        """DELETE /v1/runs/{runId}: end a run; its runtime is closed with 4002."""
+        run_id = _run_id(request)
+        try:
+            revoked = await self.gateway.revoke_run(run_id)
+        except StoreError:
+            raise _store_failed() from None
+        if not revoked:
+            raise Problem(404, "unknown-run", "no live run has this id")
+        return Response(status_code=204)
+
+    async def post_inputs(self, request: Request) -> Response:
+        """POST /v1/runs/{runId}/inputs: queue inputs durably, then push them to the runtime."""
+        run_id = _run_id(request)
+        max_event_bytes = self.gateway.settings.max_frame_bytes - FRAME_HEADROOM
+        inputs = _new_inputs(await read_json(request), self.gateway.clock.now(), max_event_bytes)
+        try:
+            seqs = await self.gateway.post_inputs(run_id, inputs)
+        except UnknownRun:
+            raise Problem(404, "unknown-run", "no live run has this id") from None
+        except StoreError:
+            raise _store_failed() from None
+        return _json({"seqs": seqs}, 202)
+
+    async def read_outputs(self, request: Request) -> Response:
+        """GET /v1/runs/{runId}/outputs: a page of stored outputs, long-polling for the first."""
+        run_id = _run_id(request)
+        after = _query_int(request, "after", -1, -1, MAX_SEQ)
+        limit = _query_int(request, "limit", MAX_LIMIT, 1, MAX_LIMIT)
+        wait_s = _query_seconds(request, "wait", MAX_WAIT_S)
+        try:
+            if await self.gateway.store.get_run(run_id) is None:
+                raise Problem(404, "unknown-run", "no live run has this id")
+            events = await self.gateway.wait_outputs(run_id, after, limit, wait_s)
+        except StoreError:
+            raise _store_failed() from None
+        # Encoded one by one so a page stops at MAX_RESPONSE_BYTES, and joined without a copy
+        # of the events as dicts.
+        parts: list[bytes] = []
+        size = 0
+        for event in events:
+            blob = orjson.dumps(CONVERTER.unstructure(event))
+            if parts and size + len(blob) > MAX_RESPONSE_BYTES:
+                break
+            parts.append(blob)
+            size += len(blob) + 1
+        last = events[len(parts) - 1].seq if parts else after
+        body = b'{"events":[' + b",".join(parts) + b'],"next":' + str(last).encode() + b"}"
+        return Response(body, 200, media_type=_JSON)
+
+    async def session(self, request: Request) -> Response:
+        """GET /v1/runs/{runId}/session: the session without its secrets."""
+        run_id = _run_id(request)
+        try:
+            view = await self.gateway.session_view(run_id)
+        except StoreError:
+            raise _store_failed() from None
+        if view is None:
+            raise Problem(404, "unknown-run", "no live run has this id")
+        return _json(session_json(view))
+
+    async def healthz(self, request: Request) -> Response:
+        """GET /healthz: lets a load balancer stop sending work to a draining gateway."""
+        if self.gateway.draining:
+            return _json({"status": "draining"}, 503)
+        return _json({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """GET /metrics: the Prometheus exposition of the gateway's own registry."""
+        return Response(generate_latest(self.gateway.metrics.registry), 200,
+                        media_type=CONTENT_TYPE_LATEST)
+
+
+# --- errors, authentication and the app ----------------------------------------------------------
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response()
+
+
+_HTTP_SLUGS: Final = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large",
+                      415: "unsupported-media-type"}
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) as problems too."""
+    assert isinstance(exc, HTTPException)
+    slug = _HTTP_SLUGS.get(exc.status_code)
+    if slug is None:  # pragma: no cover - the routing raises only the statuses above
+        slug, detail = "invalid-request", "the request cannot be served"
+    elif exc.status_code == 404:
+        detail = "there is no route at this path"
+    elif exc.status_code == 405:
+        detail = f"this route allows {(exc.headers or {}).get('Allow', 'other methods')}"
+    else:  # pragma: no cover
+        detail = TITLES[slug]
+    return Problem(exc.status_code, slug, detail, headers=exc.headers).response()
+
+
+def _authorized(scope: Scope, expected: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":  # ASGI servers lower-case header names
+            scheme, _, token = value.partition(b" ")
+            # compare_digest runs whatever the header says, so timing tells nothing of the token
+            return hmac.compare_digest(token.strip(), expected) and scheme.lower() == b"bearer"
+    return False
+
+
+class _Guard:
+    """Outermost of our layers: the admin token on /v1, and a problem (not a trace) on a crash."""
+
+    def __init__(self, app: ASGIApp, admin_token: str) -> None:
+        self.app = app
+        self.expected = admin_token.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if (path == "/v1" or path.startswith("/v1/")) and not _authorized(scope, self.expected):
+            refusal = Problem(401, "unauthorized", "send Authorization: Bearer <admin token>",
+                              headers={"www-authenticate": 'Bearer realm="agent-gateway"'})
+            await refusal.response()(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            # The type and the stack, never the message: it may quote a value from the request.
+            log.error("control API failed on %s %s: %s\n%s", scope["method"], path,
+                      type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+            if started:
+                raise  # too late for a problem body; the server drops the connection
+            crash = Problem(500, "internal", "the gateway failed; the error is logged")
+            await crash.response()(scope, receive, send)
+
+
+def build_app(gateway: Gateway, admin_token: str) -> Starlette:
+    """The control API as an ASGI app (tests and embedders can serve it however they like)."""
+    if not admin_token:
+        raise ValueError("the control API needs a non-empty admin token")
+    routes = _Routes(gateway)
+    app = Starlette(
+        routes=[
+            Route("/v1/runs", routes.create_run, methods=["POST"]),
+            Route("/v1/runs/{run_id}", routes.revoke_run, methods=["DELETE"]),
+            Route("/v1/runs/{run_id}/inputs", routes.post_inputs, methods=["POST"]),
+            Route("/v1/runs/{run_id}/outputs", routes.read_outputs, methods=["GET"]),
+            Route("/v1/runs/{run_id}/session", routes.session, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+        ],
+        middleware=[Middleware(_Guard, admin_token=admin_token)],
+        exception_handlers={Problem: _problem_handler, HTTPException: _http_handler},
+    )
+    app.router.redirect_slashes = False  # a redirect is not in the spec; a 404 problem is
+    return app
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    """Hypercorn's settings for the control API: its bind address, and logs into ours."""
+    config = Config()
+    host = settings.control_host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    config.bind = [f"{host}:{settings.control_port}"]
+    config.accesslog = None
+    config.errorlog = log
+    config.include_server_header = False
+    return config
+
+
+async def serve_control(
+    gateway: Gateway,
+    settings: Settings,
+    admin_token: str,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control API until cancelled; `task_status` gets the bound port (for port 0)."""
+    # Starlette's ASGI types are looser than Hypercorn's; the protocol is the same.
+    app = cast(ASGIFramework, build_app(gateway, admin_token))
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(partial(serve, app, hypercorn_config(settings)))
+        port = urlsplit(binds[0]).port
+        assert port is not None, "hypercorn reports every bind as scheme://host:port"
+        task_status.started(port)
