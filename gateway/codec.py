@@ -293,11 +293,16 @@ def _make_converter() -> Converter:
     conv.register_structure_hook(Millis, lambda value, _: parse_timestamp(value))
     conv.register_unstructure_hook(Millis, format_millis)
     # Generic aliases are not classes: cattrs takes hooks for them through predicates.
+    # The schemas have already checked these values' types, so structuring them is a no-op (or a
+    # tuple() for arrays); `| None` variants are only structured when the key is present.
+    as_is = (dict[str, Any], dict[str, str], dict[str, Any] | None, str | None)
+    as_tuple = (tuple[str, ...], tuple[str, ...] | None)
+
     def free_form(hint: Any) -> bool:
-        return bool(hint == dict[str, Any] or hint == dict[str, str])
+        return any(hint == known for known in as_is)
 
     def names(hint: Any) -> bool:
-        return bool(hint == tuple[str, ...])
+        return any(hint == known for known in as_tuple)
 
     conv.register_structure_hook_func(free_form, _passthrough)
     conv.register_unstructure_hook_func(free_form, _passthrough)
@@ -398,20 +403,6 @@ _STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 _DEPTH_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _json(text: str) -> Any:
-    """Parse one JSON document with the C scanner directly (a third cheaper than `decode`).
-
-    `decode` stays the slow path for leading whitespace and for saying what is wrong.
-    """
-    try:
-        doc, end = _SCAN(text, 0)
-    except StopIteration:
-        return _DECODER.decode(text)
-    if end != len(text) and text[end:].strip(" \t\n\r"):
-        raise ValueError("data after the JSON document")
-    return doc
 
 
 def _too_deep(text: str) -> bool:
@@ -558,13 +549,18 @@ def _parse(text: str | bytes, max_bytes: int) -> dict[str, Any]:
     else:
         raise _invalid("the frame is neither text nor bytes")
     try:
-        doc = _json(text)
+        try:
+            doc, end = _SCAN(text, 0)  # the C scanner directly: a third cheaper than `decode`
+        except StopIteration:
+            doc, end = _DECODER.decode(text), len(text)  # slow path: says what is wrong
     except _Refused as exc:
         raise _invalid(str(exc)) from None
     except RecursionError:
         raise _invalid(f"the frame nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:
         raise _invalid("the frame is not JSON") from None
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise _invalid("the frame has data after its JSON document")
     if type(doc) is not dict:
         raise _invalid("the frame is not a JSON object", "")
     if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(text):
