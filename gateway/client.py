@@ -1,0 +1,993 @@
+"""A typed trio client for runtime authors: attach, heartbeat, commands, outputs and inputs.
+
+The protocol asks a runtime to do several things at once (renew its lease on time, match replies
+to requests, acknowledge inputs, come back after a drop with a higher epoch and resend whatever
+was not acknowledged). This module does all of that behind one `async with`:
+
+    async with connect(url, token=token, run_id=run_id, capabilities=["kv.read"]) as session:
+        config = await session.get_config()
+        await session.publish([("log.line", {"text": "hello"})])
+        async for event in session.inputs():
+            ...  # acknowledged (cumulatively, in batches) once the loop asks for the next one
+
+Background tasks (per connection: reader, writer, heartbeat; per session: supervisor, publisher,
+acknowledger) never run user code, so a slow loop body never delays a heartbeat, and a user's
+cancelled await never tears a frame in half: frames go out through one writer task.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import random
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal, TypeVar
+
+import orjson
+import trio
+from attrs import evolve, frozen
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from gateway.codec import FrameRejected, decode_server_frame, encode
+from statemachine.messages import (
+    AckInputCommand,
+    AckInputResponse,
+    Capability,
+    Channel,
+    CloseCode,
+    ErrorCode,
+    ErrorPayload,
+    GetConfigCommand,
+    GetConfigResponse,
+    GetKVCommand,
+    GetKVResponse,
+    GetSecretsCommand,
+    GetSecretsResponse,
+    HeartbeatCommand,
+    HeartbeatResponse,
+    InputEvent,
+    Millis,
+    OutputEvent,
+    PublishOutputEventsRequest,
+    PublishOutputEventsResponse,
+    RuntimeAttachRequest,
+    RuntimeAttachResponse,
+    SetKVCommand,
+    SetKVResponse,
+    TaskInputDelivery,
+)
+
+__all__ = [
+    "ClientClosed",
+    "ClientError",
+    "ConnectError",
+    "ConnectionState",
+    "GatewayError",
+    "GatewaySession",
+    "GaveUp",
+    "InputEvent",
+    "OutputDraft",
+    "ProtocolViolation",
+    "Rejected",
+    "Revoked",
+    "Superseded",
+    "connect",
+]
+
+log = logging.getLogger("agent_gateway.client")
+
+ConnectionState = Literal["connecting", "attached", "reconnecting", "closed"]
+"""What `on_state` is told: the demo prints these, operators grep for them."""
+
+MAX_BATCH: Final = 1000
+"""Events per publish frame: the schema's `maxItems`; bigger publishes go out in several frames."""
+
+MAX_MESSAGE_BYTES: Final = 8 << 20
+"""Largest gateway frame the client reads (input deliveries can be big; the gateway caps them)."""
+
+_OUTBOX: Final = 64  # frames queued for the writer before senders wait
+_CLOSE_TIMEOUT: Final = 2.0  # seconds a closing handshake may take before we just drop the socket
+_ids = itertools.count(1)  # request ids are unique per process, so never reused in flight
+
+_R = TypeVar("_R")
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """Everything this client raises, so a runtime can catch one type."""
+
+
+class GatewayError(ClientError):
+    """The gateway refused a command (`runtime.session.error`); `retryable` is the spec's flag."""
+
+    def __init__(self, code: ErrorCode, message: str, retryable: bool,
+                 path: str | None = None) -> None:
+        super().__init__(code, message, retryable, path)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f" (at {self.path})" if self.path else ""
+        return f"{self.code.value}: {self.message}{where}"
+
+    @classmethod
+    def of(cls, error: ErrorPayload) -> GatewayError:
+        """The exception for an error frame's payload."""
+        return cls(error.code, error.message, error.retryable, error.path)
+
+
+class Superseded(ClientError):
+    """Another connection with a higher `connectionEpoch` took the run: this one must stop."""
+
+
+class Revoked(ClientError):
+    """The platform revoked the run or its token: there is nothing to reconnect to."""
+
+
+class Rejected(ClientError):
+    """The gateway refused the WebSocket handshake with an HTTP status (401: bad token)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code, message)
+        self.status_code = status_code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status_code}: {self.message}"
+
+
+class ConnectError(ClientError):
+    """The first connection could not be made (the cause says why); nothing was attached."""
+
+
+class GaveUp(ClientError):
+    """Reconnecting took longer than `give_up_after` seconds."""
+
+
+class ClientClosed(ClientError):
+    """The session's `async with` block has ended; the client takes no more calls."""
+
+
+class ProtocolViolation(ClientError):
+    """The gateway sent something the protocol does not allow (a bug on its side)."""
+
+
+_TERMINAL_CLOSES: Final[dict[int, Callable[[str], ClientError]]] = {
+    CloseCode.SUPERSEDED: lambda run: Superseded(
+        f"run {run}: a connection with a higher connectionEpoch took the session (close 4001)"),
+    CloseCode.REVOKED: lambda run: Revoked(f"run {run} or its token was revoked (close 4002)"),
+}
+# Answers that mean "this connection's session is not usable": re-attach, then retry.
+_REATTACH_CODES: Final = frozenset({ErrorCode.LEASE_EXPIRED, ErrorCode.NOT_ATTACHED})
+# Handshake statuses that will not change by retrying (the token, the path or the run is wrong).
+_FATAL_STATUSES: Final = frozenset({400, 401, 403, 404, 410})
+
+
+# --- what runtimes pass in ---------------------------------------------------------------------
+
+
+@frozen
+class OutputDraft:
+    """An output event before the client numbers, names and timestamps it."""
+
+    type: str
+    data: Mapping[str, Any]
+
+
+DraftLike = OutputDraft | tuple[str, Mapping[str, Any]]
+
+
+def _drafts(events: OutputDraft | Iterable[DraftLike]) -> list[OutputDraft]:
+    """Accept one draft, or any mix of drafts and (type, data) pairs."""
+    items: Iterable[DraftLike] = (events,) if isinstance(events, OutputDraft) else events
+    drafts = []
+    for item in items:
+        if isinstance(item, OutputDraft):
+            drafts.append(item)
+        else:
+            kind, data = item
+            drafts.append(OutputDraft(kind, data))
+    return drafts
+
+
+def _now_ms() -> Millis:
+    """Wall-clock milliseconds: what output timestamps and `nextHeartbeatDueAt` are measured in."""
+    return Millis(time.time_ns() // 1_000_000)
+
+
+@frozen
+class _Options:
+    """Everything `connect` was told, kept together for the background tasks."""
+
+    url: str
+    token: str
+    run_id: str
+    capabilities: tuple[Capability, ...]
+    ssl_context: ssl.SSLContext | None
+    runtime_instance_id: str
+    attempt_id: str | None
+    protocol_version: str
+    backoff: tuple[float, float]
+    give_up_after: float | None
+    on_state: Callable[[ConnectionState], None] | None
+    start_epoch: int
+    connect_timeout: float
+    ack_delay: float
+    close_timeout: float
+
+
+# --- one WebSocket connection ------------------------------------------------------------------
+
+
+class _Dropped:
+    """Outcome of a request whose connection went away before it was answered."""
+
+
+_DROPPED: Final = _Dropped()
+
+
+class _Waiter:
+    """Where the reader leaves the one answer to one request."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: object = _DROPPED
+
+    def settle(self, outcome: object) -> None:
+        """Record the answer once; later ones (there should be none) are ignored."""
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
+
+
+class _Link:
+    """One WebSocket to the gateway and the requests waiting on it; dies once, never revives."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.session_id = ""
+        self.pending: dict[str, _Waiter] = {}
+        self.outbox, self.outbox_out = trio.open_memory_channel[str](_OUTBOX)
+        self.dead = trio.Event()
+        self.finished = trio.Event()
+        self.reason = ""
+        self.close_code: int | None = None
+        self.failure: ClientError | None = None
+        self.delivered = -1  # highest input seq the gateway sent on this connection
+
+    def kill(self, reason: str, close_code: int | None = None,
+             failure: ClientError | None = None) -> None:
+        """Mark the connection unusable and release every request waiting on it."""
+        if self.dead.is_set():
+            return
+        self.reason, self.close_code, self.failure = reason, close_code, failure
+        self.dead.set()
+        for waiter in self.pending.values():
+            waiter.settle(_DROPPED)
+        self.pending.clear()
+
+
+class _Attempt:
+    """The outcome of opening one connection: an attached link, or why there is none."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.link: _Link | None = None
+        self.reply: RuntimeAttachResponse | None = None
+        self.error: BaseException | None = None
+        self.fatal = False
+
+
+class _Batch:
+    """Output events published together; kept until the gateway says they are durable."""
+
+    __slots__ = ("done", "error", "events")
+
+    def __init__(self, events: tuple[OutputEvent, ...]) -> None:
+        self.events = events  # renumbered in place if an earlier batch is refused
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        """Tell the publishing caller how its batch ended."""
+        self.error = error
+        self.done.set()
+
+
+# --- the session -------------------------------------------------------------------------------
+
+
+class GatewaySession:
+    """A run's session as a runtime sees it: survives reconnects, hides epochs and retries."""
+
+    def __init__(self, options: _Options, start_seq: int) -> None:
+        self._o = options
+        self._nursery: trio.Nursery | None = None
+        self._link: _Link | None = None
+        self._changed = trio.Event()
+        self._failure: ClientError | None = None
+        self._closing = False
+        self._epoch = options.start_epoch
+        self._session_id = ""
+        self._config_version: str | None = None
+        self._state: ConnectionState = "closed"  # until _start says "connecting"
+        # outputs
+        self._next_seq = start_seq
+        self._outbox: deque[_Batch] = deque()
+        self._outbox_changed = trio.Event()
+        # inputs
+        self._inbox, self._inbox_out = trio.open_memory_channel[InputEvent](math.inf)
+        self._input_high = -1  # highest seq ever handed to `inputs()`, for de-duplication
+        self._processed = -1  # highest seq whose loop body finished
+        self._acked = -1  # highest seq the gateway stored as acknowledged
+        self._ack_wanted = trio.Event()
+
+    # --- what runtimes read -----------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """The run this session belongs to."""
+        return self._o.run_id
+
+    @property
+    def session_id(self) -> str:
+        """The gateway's id of the current session (a re-attach after a lost session changes it)."""
+        return self._session_id
+
+    @property
+    def config_version(self) -> str | None:
+        """The configuration version the last attach reported."""
+        return self._config_version
+
+    @property
+    def connection_epoch(self) -> int:
+        """The epoch of the current (or last attempted) attach."""
+        return self._epoch
+
+    @property
+    def state(self) -> ConnectionState:
+        """Where the connection is now (the same values `on_state` is told)."""
+        return self._state
+
+    @property
+    def failure(self) -> ClientError | None:
+        """Why the session stopped for good (Superseded, Revoked, GaveUp, ...), if it did."""
+        return self._failure
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def get_secrets(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """The run's secrets: the named ones (unknown names left out), or all granted."""
+        wanted = None if names is None else tuple(names)
+        reply = await self._call(
+            Channel.SECRETS_GET,
+            lambda sid: GetSecretsCommand(sid, self.run_id, wanted),
+            GetSecretsResponse,
+        )
+        return dict(reply.secrets)
+
+    async def get_config(self) -> dict[str, Any]:
+        """The run's configuration."""
+        reply = await self._call(
+            Channel.CONFIG_GET, lambda sid: GetConfigCommand(sid, self.run_id), GetConfigResponse
+        )
+        return dict(reply.config)
+
+    async def kv_get(self, keys: Iterable[str]) -> dict[str, str]:
+        """Read keys of the run's KV namespace (missing keys are left out)."""
+        wanted = tuple(keys)
+        reply = await self._call(
+            Channel.KV_GET, lambda sid: GetKVCommand(sid, self.run_id, wanted), GetKVResponse
+        )
+        return dict(reply.kv)
+
+    async def kv_set(self, mapping: Mapping[str, str]) -> None:
+        """Write keys durably; retried across reconnects (writing the same values is harmless)."""
+        kv = dict(mapping)
+        await self._call(
+            Channel.KV_SET, lambda sid: SetKVCommand(sid, self.run_id, kv), SetKVResponse
+        )
+
+    async def publish(self, events: OutputDraft | Iterable[DraftLike]) -> list[int]:
+        """Publish output events; return their seqs once the gateway has stored them durably.
+
+        Seqs are assigned here, in call order. A batch the caller stops waiting for (cancelled)
+        is still sent, before any later batch: its seqs are taken and the gateway must see them.
+        """
+        self._raise_if_stopped()
+        drafts = _drafts(events)
+        now = _now_ms()
+        seqs = list(range(self._next_seq, self._next_seq + len(drafts)))
+        self._next_seq += len(drafts)
+        batches = [
+            _Batch(tuple(
+                OutputEvent(f"evt-{uuid.uuid4().hex}", seq, d.type, dict(d.data), now)
+                for seq, d in zip(seqs[i:i + MAX_BATCH], drafts[i:i + MAX_BATCH], strict=True)
+            ))
+            for i in range(0, len(drafts), MAX_BATCH)
+        ]
+        self._outbox.extend(batches)
+        self._poke_publisher()
+        for batch in batches:
+            await batch.done.wait()
+            if batch.error is not None:
+                raise copy.copy(batch.error)
+        return [event.seq for batch in batches for event in batch.events]
+
+    async def inputs(self) -> AsyncIterator[InputEvent]:
+        """Input events in seq order, each once; acknowledged after the loop body finishes.
+
+        An event counts as processed when the loop asks for the next one; acknowledgements are
+        cumulative and batched. Iterate from one task only. Ends when the session is closed;
+        raises the session's failure (Superseded, Revoked, ...) if it stopped for good.
+        """
+        while True:
+            self._raise_if_failed()
+            try:
+                event = await self._inbox_out.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                self._raise_if_failed()
+                return
+            yield event
+            if event.seq > self._processed:
+                self._processed = event.seq
+                self._ack_wanted.set()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise copy.copy(self._failure)
+
+    def _raise_if_stopped(self) -> None:
+        self._raise_if_failed()
+        if self._closing:
+            raise ClientClosed("the session's async with block has ended")
+
+    def _wake(self) -> None:
+        """Tell everyone waiting for a usable connection to look again."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _live_link(self) -> _Link:
+        """The attached connection, waiting through reconnects; raises once the session stops."""
+        while True:
+            self._raise_if_stopped()
+            link = self._link
+            if link is not None and not link.dead.is_set():
+                return link
+            await self._changed.wait()
+
+    async def _request(self, link: _Link, channel: Channel, payload: Any) -> object:
+        """Send one command on `link` and return its answer, or `_DROPPED` if the link died."""
+        if link.dead.is_set():
+            return _DROPPED
+        request_id = f"c-{next(_ids)}"
+        waiter = _Waiter()
+        link.pending[request_id] = waiter
+        try:
+            try:
+                await link.outbox.send(encode(channel, request_id, payload))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                link.kill("the connection's writer stopped")
+                return _DROPPED
+            await waiter.event.wait()
+            return waiter.outcome
+        finally:
+            link.pending.pop(request_id, None)
+
+    async def _call(self, channel: Channel, build: Callable[[str], Any], expect: type[_R]) -> _R:
+        """A command answered on whichever connection is live; retried after every reconnect."""
+        while True:
+            link = await self._live_link()
+            outcome = await self._request(link, channel, build(link.session_id))
+            if isinstance(outcome, expect):
+                return outcome
+            if isinstance(outcome, _Dropped):
+                continue
+            if isinstance(outcome, ErrorPayload):
+                if self._refused(link, outcome):
+                    continue
+                if self._failure is not None:
+                    raise copy.copy(self._failure)
+                raise GatewayError.of(outcome)
+            if isinstance(outcome, ClientError):
+                raise outcome
+            raise ProtocolViolation(
+                f"{channel.value} was answered with {type(outcome).__name__}"
+            )
+
+    def _refused(self, link: _Link, error: ErrorPayload) -> bool:
+        """React to an error frame for the whole session; True if the command should be retried."""
+        if error.code in _REATTACH_CODES:
+            link.kill(f"the gateway answered {error.code.value}; re-attaching")
+            return True
+        if error.code is ErrorCode.STALE_EPOCH:
+            superseded = Superseded(f"run {self.run_id}: {error.message} (stale_epoch)")
+            link.kill("stale epoch", failure=superseded)
+            self._fail(superseded)
+        return False
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        if self._o.on_state is not None:
+            try:
+                self._o.on_state(state)
+            except Exception:
+                log.exception("on_state callback failed")
+
+    async def _open(self, reconnect: bool) -> _Attempt:
+        """Open a connection and attach on it (in a background task, which owns the socket)."""
+        assert self._nursery is not None
+        attempt = _Attempt()
+        self._nursery.start_soon(self._run_link, reconnect, self._epoch, attempt)
+        await attempt.done.wait()
+        return attempt
+
+    async def _run_link(self, reconnect: bool, epoch: int, attempt: _Attempt) -> None:
+        """Own one WebSocket for its whole life: attach, serve, close; never raises."""
+        link: _Link | None = None
+        try:
+            async with open_websocket_url(
+                self._o.url,
+                self._o.ssl_context,
+                extra_headers=[(b"authorization", f"Bearer {self._o.token}".encode())],
+                max_message_size=MAX_MESSAGE_BYTES,
+                connect_timeout=self._o.connect_timeout,
+                disconnect_timeout=_CLOSE_TIMEOUT,
+            ) as ws:
+                link = _Link(ws)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, link)
+                    nursery.start_soon(self._write, link)
+                    await self._attach(link, reconnect, epoch, attempt)
+                    attempt.done.set()
+                    if attempt.link is not None:
+                        assert attempt.reply is not None
+                        nursery.start_soon(self._heartbeat, link, attempt.reply)
+                        await link.dead.wait()
+                    else:
+                        link.kill("attach failed")
+                    nursery.cancel_scope.cancel()
+        except ConnectionRejected as rejected:
+            status = rejected.status_code or 0
+            attempt.error = Rejected(status, _rejection_text(rejected))
+            attempt.fatal = status in _FATAL_STATUSES
+        except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError) as error:
+            if attempt.done.is_set():
+                log.debug("connection closed uncleanly: %r", error)
+            else:
+                attempt.error = error
+        except Exception as error:  # a bug must not take the runtime's session down silently
+            log.exception("connection task failed")
+            if link is not None:
+                link.kill(f"internal error: {error!r}")
+            attempt.error = error
+        finally:
+            if link is not None:
+                link.kill("connection closed")
+                link.finished.set()
+            attempt.done.set()
+
+    async def _attach(self, link: _Link, reconnect: bool, epoch: int, attempt: _Attempt) -> None:
+        """Attach (or re-attach) on a fresh link and record the outcome in `attempt`."""
+        request = RuntimeAttachRequest(
+            run_id=self.run_id,
+            runtime_instance_id=self._o.runtime_instance_id,
+            protocol_version=self._o.protocol_version,
+            attempt_id=self._o.attempt_id,
+            reconnect=reconnect,
+            connection_epoch=epoch,
+            capabilities=self._o.capabilities,
+        )
+        outcome: object = _DROPPED
+        with trio.move_on_after(self._o.connect_timeout):
+            outcome = await self._request(link, Channel.ATTACH, request)
+        if isinstance(outcome, RuntimeAttachResponse):
+            link.session_id = outcome.session_id
+            attempt.link, attempt.reply = link, outcome
+        elif isinstance(outcome, ErrorPayload):
+            error = GatewayError.of(outcome)
+            if outcome.code is ErrorCode.STALE_EPOCH:
+                attempt.error = Superseded(
+                    f"run {self.run_id}: connectionEpoch {epoch} was refused ({outcome.message})"
+                )
+                attempt.fatal = True
+            else:
+                attempt.error, attempt.fatal = error, not outcome.retryable
+        elif isinstance(outcome, _Dropped):
+            attempt.error = link.failure or ConnectionError(link.reason or "closed during attach")
+            if link.close_code in _TERMINAL_CLOSES:
+                attempt.error = _TERMINAL_CLOSES[link.close_code](self.run_id)
+                attempt.fatal = True
+        else:
+            attempt.error = ConnectionError("no attach reply in time")
+
+    def _adopt(self, attempt: _Attempt) -> None:
+        """Make a freshly attached link the session's connection."""
+        assert attempt.link is not None and attempt.reply is not None
+        reply = attempt.reply
+        if self._session_id and reply.session_id != self._session_id:
+            log.warning("run %s: the gateway started a new session (the old one was lost)",
+                        self.run_id)
+        self._session_id = reply.session_id
+        self._config_version = reply.config_version
+        self._link = attempt.link
+        self._set_state("attached")
+        self._wake()
+        self._poke_publisher()
+        self._ack_wanted.set()
+
+    async def _read(self, link: _Link) -> None:
+        """Route every frame: replies to their waiters, deliveries to the inbox."""
+        try:
+            while True:
+                self._route(link, await link.ws.get_message())
+        except ConnectionClosed as closed:
+            code = closed.reason.code if closed.reason is not None else None
+            link.kill(f"the connection closed ({closed.reason})", code)
+
+    async def _write(self, link: _Link) -> None:
+        """The only task that sends on the socket, so a cancelled caller never breaks a frame."""
+        try:
+            async with link.outbox_out:
+                async for frame in link.outbox_out:
+                    await link.ws.send_message(frame)
+        except ConnectionClosed as closed:
+            code = closed.reason.code if closed.reason is not None else None
+            link.kill(f"the connection closed ({closed.reason})", code)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            link.kill(f"could not send: {error!r}")
+
+    def _route(self, link: _Link, message: str | bytes) -> None:
+        try:
+            channel, request_id, payload = decode_server_frame(message, MAX_MESSAGE_BYTES)
+        except FrameRejected as bad:
+            log.warning("the gateway sent a frame outside the protocol: %s", bad)
+            waiter = link.pending.pop(bad.request_id, None) if bad.request_id else None
+            if waiter is not None:
+                waiter.settle(ProtocolViolation(f"the gateway's answer broke the protocol: {bad}"))
+            return
+        if channel is Channel.INPUT:
+            self._deliver(link, payload)
+            return
+        waiter = link.pending.pop(request_id, None) if request_id is not None else None
+        if waiter is not None:
+            waiter.settle(payload)
+        elif isinstance(payload, ErrorPayload):
+            log.warning("the gateway refused a frame: %s: %s", payload.code.value, payload.message)
+        else:
+            log.debug("an answer to no request in flight (%s)", channel.value)
+
+    def _deliver(self, link: _Link, delivery: TaskInputDelivery) -> None:
+        """Queue new input events; redelivered ones (seq already seen) are dropped here."""
+        if delivery.run_id != self.run_id:
+            log.warning("input delivery for another run ignored")
+            return
+        for event in delivery.events:
+            link.delivered = max(link.delivered, event.seq)
+            if event.seq > self._input_high:
+                self._input_high = event.seq
+                self._inbox.send_nowait(event)
+        self._ack_wanted.set()  # acks wait for the gateway to have (re)delivered what they name
+
+    async def _heartbeat(self, link: _Link, reply: RuntimeAttachResponse) -> None:
+        """Renew the lease when the gateway says it is due; a silent gateway means a dead link."""
+        interval = reply.heartbeat_interval_ms / 1000
+        delay = interval
+        while True:
+            await trio.sleep(delay)
+            outcome: object = None
+            with trio.move_on_after(interval):
+                outcome = await self._request(
+                    link,
+                    Channel.HEARTBEAT,
+                    HeartbeatCommand(link.session_id, self.run_id, self._o.runtime_instance_id),
+                )
+            if outcome is None:
+                link.kill("no heartbeat reply within one interval")
+                return
+            if isinstance(outcome, HeartbeatResponse) and outcome.accepted:
+                due_in = (outcome.next_heartbeat_due_at - _now_ms()) / 1000
+                delay = min(max(due_in, interval / 10), interval)
+            elif isinstance(outcome, ErrorPayload):
+                self._refused(link, outcome)
+                if link.dead.is_set():
+                    return
+                log.warning("heartbeat refused: %s", outcome.code.value)
+                delay = interval / 10 if outcome.retryable else interval
+            elif isinstance(outcome, HeartbeatResponse):
+                link.kill("the gateway did not accept the heartbeat")
+                return
+            else:
+                return
+
+    # --- background tasks of the session ----------------------------------------------------
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        """Make the first connection and attach; raise if that fails (nothing retries it)."""
+        self._nursery = nursery
+        self._set_state("connecting")
+        attempt = await self._open(reconnect=False)
+        if attempt.link is None:
+            self._set_state("closed")
+            error = attempt.error
+            if isinstance(error, ClientError):
+                raise error
+            raise ConnectError(f"could not attach to {self._o.url}: {error!r}") from error
+        self._adopt(attempt)
+        nursery.start_soon(self._supervise)
+        nursery.start_soon(self._publisher)
+        nursery.start_soon(self._acknowledger)
+
+    async def _supervise(self) -> None:
+        """Notice each dropped connection and replace it, or stop the session for good."""
+        while True:
+            link = self._link
+            if link is None:
+                return
+            await link.dead.wait()
+            self._link = None
+            self._wake()
+            if self._closing or self._failure is not None:
+                return
+            terminal = link.failure
+            if terminal is None and link.close_code in _TERMINAL_CLOSES:
+                terminal = _TERMINAL_CLOSES[link.close_code](self.run_id)
+            if terminal is not None:
+                self._fail(terminal)
+                return
+            log.info("run %s: connection lost (%s); reconnecting", self.run_id, link.reason)
+            self._set_state("reconnecting")
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        """Re-attach with backoff (full jitter) and a higher epoch each try; False if we stop."""
+        low, high = self._o.backoff
+        started = trio.current_time()
+        for tries in itertools.count():
+            delay = random.uniform(0, min(high, low * 2 ** min(tries, 60)))
+            limit = self._o.give_up_after
+            if limit is not None and trio.current_time() + delay - started > limit:
+                self._fail(GaveUp(f"run {self.run_id}: no connection after {limit:g} s"))
+                return False
+            await trio.sleep(delay)
+            if self._closing or self._failure is not None:
+                return False
+            self._epoch += 1
+            attempt = await self._open(reconnect=True)
+            if attempt.link is not None:
+                self._adopt(attempt)
+                return True
+            if attempt.fatal:
+                assert isinstance(attempt.error, ClientError)
+                self._fail(attempt.error)
+                return False
+            log.info("run %s: reconnect failed (%r)", self.run_id, attempt.error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fail(self, error: ClientError) -> None:
+        """Stop for good: every pending and future call raises `error`."""
+        if self._failure is None:
+            self._failure = error
+            log.warning("run %s: session stopped: %s", self.run_id, error)
+        if self._link is not None:
+            self._link.kill(str(error), failure=error)
+        self._inbox.close()
+        while self._outbox:
+            self._outbox.popleft().settle(error)
+        self._wake()
+        self._poke_publisher()
+        self._set_state("closed")
+
+    def _poke_publisher(self) -> None:
+        self._outbox_changed.set()
+
+    async def _publisher(self) -> None:
+        """Send queued output batches one at a time, in seq order, until each is durable."""
+        while True:
+            if not self._outbox:
+                if self._failure is not None:
+                    return
+                self._outbox_changed = trio.Event()
+                await self._outbox_changed.wait()
+                continue
+            if not await self._send_batch(self._outbox[0]):
+                return
+
+    async def _send_batch(self, batch: _Batch) -> bool:
+        """Get one batch stored (or definitively refused); False once the session has stopped."""
+        low, high = self._o.backoff
+
+        def request(session_id: str) -> PublishOutputEventsRequest:
+            return PublishOutputEventsRequest(session_id, self.run_id, batch.events)
+
+        for tries in itertools.count(1):
+            try:
+                await self._call(Channel.OUTPUT, request, PublishOutputEventsResponse)
+            except GatewayError as refused:
+                if refused.retryable:
+                    # Stored or not, its seqs are taken: resend the same events until stored.
+                    await trio.sleep(random.uniform(0, min(high, low * 2 ** min(tries, 60))))
+                    continue
+                self._drop_batch(batch, refused)
+            except ClientError:
+                return False  # _fail already settled every queued batch
+            except Exception as error:  # e.g. data orjson cannot encode: nothing was sent
+                self._drop_batch(batch, error)
+            else:
+                if self._outbox and self._outbox[0] is batch:
+                    self._outbox.popleft()
+                batch.settle(None)
+            return True
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_batch(self, batch: _Batch, refused: BaseException) -> None:
+        """A refused batch stored nothing: give its seqs to the batches queued after it.
+
+        Only the head of the queue is ever sent, so the later batches were never seen by the
+        gateway and can be renumbered without leaving a gap or reusing a stored seq.
+        """
+        if self._outbox and self._outbox[0] is batch:
+            self._outbox.popleft()
+        shift = len(batch.events)
+        for later in self._outbox:
+            later.events = tuple(evolve(e, seq=e.seq - shift) for e in later.events)
+        self._next_seq -= shift
+        batch.settle(refused)
+
+    async def _acknowledger(self) -> None:
+        """Acknowledge processed inputs cumulatively, a little after the fact, in one frame."""
+        while self._failure is None:
+            await self._ack_wanted.wait()
+            self._ack_wanted = trio.Event()
+            await trio.sleep(self._o.ack_delay)
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        """Send the highest ack the current connection can take (it must have delivered it)."""
+        while True:
+            link = self._link
+            if link is None or link.dead.is_set():
+                return  # the next attach wakes us
+            target = min(self._processed, link.delivered)
+            if target <= self._acked:
+                return
+            command = AckInputCommand(link.session_id, self.run_id, target)
+            outcome = await self._request(link, Channel.INPUT_ACK, command)
+            if isinstance(outcome, AckInputResponse):
+                self._acked = max(self._acked, target)
+            elif isinstance(outcome, ErrorPayload):
+                self._refused(link, outcome)
+                if not link.dead.is_set():
+                    log.warning("input ack refused: %s", outcome.code.value)
+                return
+            else:
+                return
+
+    async def _stop(self) -> None:
+        """Leave cleanly: send what is owed (bounded by close_timeout), then close with 1000."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._o.close_timeout):
+                try:
+                    while self._outbox and self._failure is None:
+                        await self._outbox[0].done.wait()
+                    if self._processed > self._acked:
+                        await self._live_link()
+                        await self._flush_acks()
+                except ClientError:
+                    pass  # stopped for good: nothing more can be sent
+            self._closing = True
+            link = self._link
+            if link is not None:
+                link.kill("the runtime closed the session")
+                with trio.move_on_after(_CLOSE_TIMEOUT):
+                    await link.finished.wait()
+            self._inbox.close()
+            self._wake()
+            self._set_state("closed")
+
+
+def _rejection_text(rejected: ConnectionRejected) -> str:
+    """The gateway's problem `detail` (never the token), or a generic phrase."""
+    body = rejected.body or b""
+    try:
+        detail = orjson.loads(body).get("detail")
+        if isinstance(detail, str):
+            return detail[:200]
+    except (ValueError, AttributeError):
+        pass
+    return "the gateway refused the WebSocket handshake"
+
+
+def _capabilities(values: Iterable[Capability | str]) -> tuple[Capability, ...]:
+    return tuple(v if isinstance(v, Capability) else Capability(v) for v in values)
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    token: str,
+    run_id: str,
+    capabilities: Iterable[Capability | str] = (),
+    ssl_context: ssl.SSLContext | None = None,
+    runtime_instance_id: str | None = None,
+    attempt_id: str | None = None,
+    protocol_version: str = "v1",
+    reconnect_backoff: tuple[float, float] = (0.2, 10.0),
+    give_up_after: float | None = None,
+    on_state: Callable[[ConnectionState], None] | None = None,
+    start_epoch: int = 0,
+    start_seq: int = 0,
+    connect_timeout: float = 10.0,
+    ack_delay: float = 0.05,
+    close_timeout: float = 5.0,
+) -> AsyncIterator[GatewaySession]:
+    """Attach to a run for the duration of the block, reconnecting as the protocol asks.
+
+    `start_epoch` must exceed every epoch used for this run before (a restarted process should
+    pass something higher than its predecessor's, e.g. a timestamp), and `start_seq` is the next
+    output seq of the run (0 for a new run). Raises `ConnectError`, `Rejected`, `GatewayError` or
+    `Superseded` if the first attach fails; reconnects after later drops are transparent.
+    """
+    low, high = reconnect_backoff
+    if not 0 < low <= high:
+        raise ValueError("reconnect_backoff must be (min, max) with 0 < min <= max")
+    options = _Options(
+        url=url,
+        token=token,
+        run_id=run_id,
+        capabilities=_capabilities(capabilities),
+        ssl_context=ssl_context,
+        runtime_instance_id=runtime_instance_id or f"rt-{uuid.uuid4().hex[:16]}",
+        attempt_id=attempt_id,
+        protocol_version=protocol_version,
+        backoff=(low, high),
+        give_up_after=give_up_after,
+        on_state=on_state,
+        start_epoch=start_epoch,
+        connect_timeout=connect_timeout,
+        ack_delay=ack_delay,
+        close_timeout=close_timeout,
+    )
+    session = GatewaySession(options, start_seq)
+    try:
+        async with trio.open_nursery() as nursery:
+            await session._start(nursery)
+            try:
+                yield session
+            finally:
+                await session._stop()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Background tasks never raise, so a group holds the body's (or _start's) one exception:
+        # hand it over as itself, as if no nursery were involved.
+        if len(group.exceptions) != 1:
+            raise
+        only = group.exceptions[0]
+        raise only from only.__cause__
