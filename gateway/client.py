@@ -908,6 +908,9 @@ class GatewaySession:
                 with trio.move_on_after(_CLOSE_TIMEOUT):
                     await link.finished.wait()
             self._inbox.close()
+            closed = ClientClosed("the session closed before these events were stored")
+            while self._outbox:  # only if close_timeout ran out: their publishers must not hang
+                self._outbox.popleft().settle(closed)
             self._wake()
             self._set_state("closed")
 

@@ -1,0 +1,197 @@
+"""The runtime client against a real gateway over TLS: every method, and every way a link ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import trio
+from e2e_support import Harness, gateway_for_test
+
+from gateway.chaos import ChaosProxy
+from gateway.client import (
+    ConnectionState,
+    GatewayError,
+    GatewaySession,
+    OutputDraft,
+    Rejected,
+    Revoked,
+    Superseded,
+    connect,
+)
+from statemachine.messages import ErrorCode, InputEvent
+
+FAST: dict[str, Any] = {"reconnect_backoff": (0.02, 0.2), "ack_delay": 0.01}
+ALL = ["secrets.read", "kv.read", "kv.write"]
+
+
+@asynccontextmanager
+async def client(h: Harness, token: str, run_id: str, url: str | None = None,
+                 **options: Any) -> AsyncIterator[GatewaySession]:
+    values: dict[str, Any] = {"capabilities": ALL, **FAST, **options}
+    async with connect(url or h.running.runtime_url, token=token, run_id=run_id,
+                       ssl_context=h.ca.client_context(), **values) as session:
+        yield session
+
+
+async def post_inputs(h: Harness, run_id: str, *numbers: int) -> None:
+    response = await h.http.post(f"/v1/runs/{run_id}/inputs", json={
+        "events": [{"type": "task.input", "data": {"n": n}} for n in numbers]})
+    assert response.status_code == 202, response.text
+
+
+async def stored_outputs(h: Harness, run_id: str) -> list[dict[str, Any]]:
+    response = await h.http.get(f"/v1/runs/{run_id}/outputs", params={"after": -1})
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+async def take(session: GatewaySession, count: int, timeout: float = 10) -> list[InputEvent]:
+    """The next `count` inputs; the last one stays unprocessed (the loop breaks on it)."""
+    got: list[InputEvent] = []
+    with trio.fail_after(timeout):
+        async for event in session.inputs():
+            got.append(event)
+            if len(got) == count:
+                break
+    return got
+
+
+async def test_every_method_against_a_real_gateway(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(
+            capabilities=ALL,
+            secrets={"API_KEY": "s3cr3t", "OTHER": "other"},
+            config={"model": "m1", "temperature": 0.5},
+            configVersion="cfg-9",
+        )
+        states: list[ConnectionState] = []
+        async with client(h, token, run_id, on_state=states.append) as s:
+            assert s.session_id.startswith("ses_")
+            assert s.run_id == run_id
+            assert s.config_version == "cfg-9"
+            assert await s.get_config() == {"model": "m1", "temperature": 0.5}
+            assert await s.get_secrets(["API_KEY", "MISSING"]) == {"API_KEY": "s3cr3t"}
+            assert await s.get_secrets() == {"API_KEY": "s3cr3t", "OTHER": "other"}
+            await s.kv_set({"a": "1", "b": "2"})
+            assert await s.kv_get(["a", "b", "c"]) == {"a": "1", "b": "2"}
+
+            assert await s.publish([("log.line", {"text": "a"}),
+                                    OutputDraft("log.line", {"text": "b"})]) == [0, 1]
+            assert await s.publish(OutputDraft("result", {"ok": True})) == [2]
+            stored = await stored_outputs(h, run_id)
+            assert [(e["seq"], e["type"], e["data"]) for e in stored] == [
+                (0, "log.line", {"text": "a"}), (1, "log.line", {"text": "b"}),
+                (2, "result", {"ok": True})]
+
+            await post_inputs(h, run_id, 0, 1, 2)
+            got = await take(s, 3)
+            assert [e.data["n"] for e in got] == [0, 1, 2]
+            assert [e.seq for e in got] == sorted(e.seq for e in got)
+        assert states == ["connecting", "attached", "closed"]
+
+        # 0 and 1 were processed and acknowledged; the loop broke on 2, so 2 comes again.
+        await post_inputs(h, run_id, 3)
+        async with client(h, token, run_id, start_epoch=1, start_seq=3) as s:
+            assert [e.data["n"] for e in await take(s, 2)] == [2, 3]
+            assert await s.publish([("log.line", {"text": "c"})]) == [3]
+        assert [e["seq"] for e in await stored_outputs(h, run_id)] == [0, 1, 2, 3]
+
+
+async def test_capability_not_granted_is_a_gateway_error(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(capabilities=["kv.read"])
+        async with client(h, token, run_id, capabilities=["kv.read"]) as s:
+            with pytest.raises(GatewayError) as caught:
+                await s.kv_set({"a": "1"})
+            assert caught.value.code is ErrorCode.CAPABILITY_DENIED
+            assert caught.value.retryable is False
+            assert await s.kv_get(["a"]) == {}
+
+
+async def test_wrong_token_is_rejected(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, _ = await h.create_run()
+        with pytest.raises(Rejected) as caught:
+            async with client(h, "agt_not-the-token", run_id):
+                raise AssertionError("must not attach")
+        assert caught.value.status_code == 401
+
+
+@asynccontextmanager
+async def proxied(h: Harness) -> AsyncIterator[tuple[ChaosProxy, str]]:
+    """A chaos proxy in front of the gateway's runtime port, and the URL that goes through it."""
+    target = urlsplit(h.running.runtime_url)
+    assert target.port is not None
+    proxy = ChaosProxy("127.0.0.1", target.port)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        yield proxy, f"wss://localhost:{port}/runtime"
+        nursery.cancel_scope.cancel()
+
+
+async def test_cut_connection_reconnects_and_loses_nothing(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h, proxied(h) as (proxy, url):
+        run_id, token = await h.create_run(capabilities=ALL)
+        states: list[ConnectionState] = []
+        async with client(h, token, run_id, url, on_state=states.append) as s:
+            session_id = s.session_id
+            assert await s.publish([("log.line", {"i": i}) for i in range(3)]) == [0, 1, 2]
+            proxy.cut()
+            await post_inputs(h, run_id, 10, 11)  # posted while the runtime may be away
+            await s.kv_set({"after": "cut"})
+            assert await s.publish([("log.line", {"i": 3})]) == [3]
+            assert [e.data["n"] for e in await take(s, 2)] == [10, 11]
+            assert s.session_id == session_id  # resumed, not replaced
+            assert s.connection_epoch >= 1
+        assert "reconnecting" in states
+        assert [e["data"]["i"] for e in await stored_outputs(h, run_id)] == [0, 1, 2, 3]
+        assert proxy.connections_made >= 2
+
+
+async def test_stalled_link_is_noticed_by_heartbeats(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path, heartbeat_interval_ms=1000) as h, \
+            proxied(h) as (proxy, url):
+        run_id, token = await h.create_run(capabilities=ALL)
+        async with client(h, token, run_id, url) as s:
+            proxy.stall()
+            with trio.fail_after(10):
+                while s.state != "reconnecting":
+                    await trio.sleep(0.05)
+            proxy.resume()
+            with trio.fail_after(10):
+                await s.kv_set({"k": "v"})
+                assert await s.kv_get(["k"]) == {"k": "v"}
+            assert s.connection_epoch >= 1
+
+
+async def test_revoking_the_run_stops_the_client(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with client(h, token, run_id) as s:
+            assert (await h.http.delete(f"/v1/runs/{run_id}")).status_code == 204
+            with trio.fail_after(10):
+                while s.state != "closed":
+                    await trio.sleep(0.02)
+            with pytest.raises(Revoked):
+                await s.get_config()
+
+
+async def test_a_higher_epoch_supersedes_the_old_client(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(capabilities=ALL)
+        async with client(h, token, run_id) as old:
+            await old.kv_set({"owner": "old"})
+            async with client(h, token, run_id, start_epoch=1, start_seq=0) as new:
+                with trio.fail_after(10):
+                    while old.state != "closed":
+                        await trio.sleep(0.02)
+                with pytest.raises(Superseded):
+                    await old.kv_set({"owner": "old again"})
+                await new.kv_set({"owner": "new"})
+                assert await new.kv_get(["owner"]) == {"owner": "new"}
