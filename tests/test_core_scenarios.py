@@ -479,7 +479,23 @@ def test_reattach_within_the_window_resumes_the_session() -> None:
     effects = d.settle()
     assert reply_of(effects, RuntimeAttachResponse, "re").session_id == sid
     assert changes(effects, MAIN) == [(R, L)]
+    assert d.timers[MAIN] <= d.session(MAIN).lease_expires_at
     assert reply_of(d.send(2, heartbeat_cmd(sid, MAIN)), HeartbeatResponse).accepted
+
+
+def test_a_lease_granted_in_the_window_replaces_the_later_window_timer() -> None:
+    d, _ = leased(epoch=1)
+    expire(d)
+    window_end = d.session(MAIN).recovery_deadline
+    assert d.timers[MAIN] == window_end
+    d.open(2)
+    d.send(2, attach_cmd(MAIN, epoch=2, reconnect=True))
+    effects = d.settle()
+    lease_end = d.session(MAIN).lease_expires_at
+    assert lease_end < window_end
+    assert of_type(effects, ArmTimer) == [ArmTimer(MAIN, lease_end)]
+    d.advance_to(lease_end)
+    assert changes(d.fire_timers(), MAIN) == [(L, E)]
 
 
 def test_recover_within_the_window_resumes_the_session() -> None:
@@ -577,6 +593,29 @@ def test_recover_is_all_or_nothing(flaw: str) -> None:
     assert of_type(effects, ClaimEpoch) == []
     assert changes(effects, MAIN) == changes(effects, SUB) == changes(effects, SUB2) == []
     assert snapshot(d, MAIN, SUB, SUB2) == before
+
+
+def test_a_refused_recover_leases_nothing() -> None:
+    """A recover answered with an error must not leave a run leased to a link never told so.
+
+    Here the runtime pipelines an attach of the sub-run, a recover of both runs, and a fresh
+    attach of the main run. The fresh attach supersedes the recover's claim on the main run, so
+    the recover is refused; the sub-run's attach was superseded by the recover, so it is refused
+    too. The connection never learns the sub-run's sessionId, so the sub-run must not be leased
+    to it (its inputs would go out under a session the runtime does not know).
+    """
+    d, sid = leased(epoch=1)
+    d.send(1, attach_cmd(SUB), request_id="sub")
+    d.send(1, recover_cmd(sid, MAIN, [SUB]), request_id="recover")
+    d.send(1, attach_cmd(MAIN), request_id="main")
+    effects = d.settle()
+    assert error_code(effects, "sub") is ErrorCode.STALE_EPOCH
+    assert error_code(effects, "recover") is ErrorCode.STALE_EPOCH
+    reply_of(effects, RuntimeAttachResponse, "main")
+    sub = d.session(SUB)
+    assert not (sub.state is L and sub.conn == 1), "SUB leased to a connection told it was refused"
+    effects = d.post_inputs(SUB, 1) + d.settle()
+    assert of_type(effects, DeliverInputs) == []
 
 
 def test_recover_of_a_sub_run_names_only_its_main() -> None:
@@ -887,7 +926,8 @@ def test_a_claim_answer_for_a_lost_connection_still_grants_the_lease() -> None:
     assert reply_of(d.settle(), RuntimeAttachResponse, "re").session_id == sid
 
 
-def test_claim_answers_can_arrive_for_a_session_that_moved_on() -> None:
+@pytest.mark.parametrize("stale_first", [True, False])
+def test_a_superseded_claim_answer_decides_nothing(stale_first: bool) -> None:
     d = Driver(runs=[grant(MAIN)])
     d.open(1)
     d.open(2)
@@ -895,7 +935,13 @@ def test_claim_answers_can_arrive_for_a_session_that_moved_on() -> None:
     first = d.ticket_of(ClaimEpoch)
     d.send(2, attach_cmd(MAIN, epoch=2), request_id="second")
     second = max(d.unanswered)
-    effects = d.answer_from_store(second) + d.answer(first, EpochClaimed(True, {}, {}))
+    if stale_first:
+        effects = d.answer(first, EpochClaimed(True, {}, {}))
+        assert changes(effects, MAIN) == [] and answers(effects) == []
+        assert d.session(MAIN).state is A
+        effects += d.answer_from_store(second)
+    else:
+        effects = d.answer_from_store(second) + d.answer(first, EpochClaimed(True, {}, {}))
     assert reply_of(effects, RuntimeAttachResponse, "second").run_id == MAIN
     assert frames_to(effects, 1) == []
     assert (d.session(MAIN).state, d.session(MAIN).conn, d.session(MAIN).epoch) == (L, 2, 2)
