@@ -5,9 +5,9 @@ output events with a long poll, looks at sessions and revokes runs. The contract
 `spec/v1/api/control.openapi.yaml`; every refusal is an RFC 9457 problem body whose `detail`
 names the rule that was broken and never a value from the request (a value may be a secret).
 
-Request bodies are parsed as strictly as runtime frames are (no duplicate keys, no NaN, integers
-within 64 bits, no lone surrogates) and may nest at most `BODY_DEPTH` levels, so every value the
-platform stores here still fits in a runtime frame when the gateway passes it on.
+Request bodies are parsed as strictly as runtime frames are (no duplicate keys, no NaN, integral
+numbers within signed 64 bits, no lone surrogates) and may nest at most `BODY_DEPTH` levels, so
+every value the platform stores here still fits in a runtime frame when the gateway passes it on.
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 # --- strict JSON bodies --------------------------------------------------------------------------
 
 
+_INT64_MIN: Final = -(1 << 63)
+_INT64_END: Final = 1 << 63
+
+
 class _Refused(ValueError):
     """Well-formed JSON text that this API does not accept (raised from the parser's hooks)."""
 
@@ -150,13 +154,16 @@ def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise _Refused("a number overflows a double")
+    # JSON Schema judges numbers by value: 1e19 is an integer there, and must fit like one.
+    if value.is_integer() and not _INT64_MIN <= value < _INT64_END:
+        raise _Refused("an integral number is outside the signed 64-bit range")
     return value
 
 
 def _int(text: str) -> int:
-    value = int(text) if len(text) <= 20 else 1 << 64
-    if not -(1 << 63) <= value < 1 << 63:
-        raise _Refused("an integer is outside the signed 64-bit range")
+    value = int(text) if len(text) <= 20 else _INT64_END
+    if not _INT64_MIN <= value < _INT64_END:
+        raise _Refused("an integral number is outside the signed 64-bit range")
     return value
 
 

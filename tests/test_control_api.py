@@ -517,6 +517,9 @@ MALFORMED_BODIES = [
     b'{"capabilities":[],"secrets":{},"config":{"x":-Infinity}}',
     b'{"capabilities":[],"secrets":{},"config":{"x":1e400}}',
     b'{"capabilities":[],"secrets":{},"config":{"x":9223372036854775808}}',
+    b'{"capabilities":[],"secrets":{},"config":{"x":-9223372036854775809}}',
+    b'{"capabilities":[],"secrets":{},"config":{"x":1e19}}',
+    b'{"capabilities":[],"secrets":{},"config":{"x":[-1.8446744073709552e+19]}}',
     b'{"capabilities":[],"secrets":{},"config":{"x":"\\ud800"}}',
     b'{"capabilities":[],"secrets":{},"config":{"x":"\xff"}}',
     b'{"capabilities":[],"secrets":{"A":"' + SECRET.encode() + b'"},"config":{"x":"\xff"}}',
@@ -531,6 +534,25 @@ async def test_create_run_refuses_json_it_cannot_trust(env: Env, raw: bytes) -> 
                                    headers={"content-type": "application/json"})
     problem(response, 400, "malformed-json", RUNS)
     assert SECRET not in response.text
+
+
+@pytest.mark.parametrize("number", [
+    "0", "-1", "9223372036854775807", "-9223372036854775808", "9223372036854775808",
+    "-9223372036854775809", "1.5", "-0.0", "1e3", "1E+18", "1e19", "9.2233720368547758e18",
+    "5.3210073872994633e+98", "1.5e-300", "123456789012345678901234567890",
+])
+async def test_numbers_are_judged_as_the_spec_judges_them(env: Env, number: str) -> None:
+    raw = b'{"capabilities":[],"secrets":{},"config":{"x":[' + number.encode() + b"]}}"
+    # The schema sees the number's value, whatever its spelling (1e3 is the integer 1000).
+    value = json.loads(number, parse_float=float, parse_int=int)
+    config_schema = resolve(component("CreateRunRequest"))["properties"]["config"]
+    valid = not schema_errors({"x": [value]}, config_schema)
+    response = await env.http.post("/v1/runs", content=raw,
+                                   headers={"content-type": "application/json"})
+    if valid:
+        assert conforms(response, RUNS)["runId"]
+    else:
+        problem(response, 400, "malformed-json", RUNS)
 
 
 async def test_the_deepest_acceptable_config_is_accepted(env: Env) -> None:
