@@ -1,0 +1,443 @@
+"""The orchestrator: seed runs, start servers and load generators, turn their reports into metrics.
+
+Phases, in order (each bounded in time, each with its own processes):
+
+1. micro: the pure core and the codec, in this process, before anything else competes for CPU;
+2. throughput: one gateway and the echo server; interleaved echo/heartbeat rounds, 1 000
+   runtimes attaching at once, durable output events, input events, `POST /v1/runs`;
+3. hold: a fresh gateway; thousands of sessions attached and heartbeating at their interval,
+   the gateway's RSS before and after, heartbeat latency under that load.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+from attrs import frozen
+
+from bench import micro
+from bench.procs import (
+    CONTROL_LINE,
+    ECHO_LINE,
+    RUNTIME_LINE,
+    STARTUP_S,
+    Child,
+    child,
+    gateway_command,
+    module_command,
+)
+from bench.seed import SeededRun, seed_runs
+from bench.tls import TlsFiles, make_tls
+
+ADMIN_TOKEN = "bench-admin-token-not-a-secret-0123456789"
+FD_RESERVE = 128  # descriptors a gateway needs besides its runtime sockets (store, listeners...)
+
+
+@frozen
+class Plan:
+    """How big each phase is: `quick` fits in under 3 minutes on 2 cores, `full` is the real one."""
+
+    mode: str
+    statemachine_steps: int
+    codec_loops: int
+    codec_repeats: int
+    ratio_connections: int
+    ratio_pairs: int
+    ratio_round_s: float
+    ratio_warmup_s: float
+    attach_runtimes: int
+    attach_generators: int
+    output_runtimes: int
+    output_batches: int
+    output_duration_s: float
+    input_runtimes: int
+    input_posts: int
+    http_runs: int
+    hold_sessions: int
+    hold_generators: int
+    hold_window_s: float
+    heartbeat_interval_ms: int
+
+
+QUICK = Plan(
+    mode="quick", statemachine_steps=200_000, codec_loops=20_000, codec_repeats=3,
+    ratio_connections=100, ratio_pairs=3, ratio_round_s=2.0, ratio_warmup_s=1.0,
+    attach_runtimes=1000, attach_generators=2,
+    output_runtimes=16, output_batches=100, output_duration_s=6.0,
+    input_runtimes=8, input_posts=10, http_runs=100,
+    hold_sessions=2000, hold_generators=2, hold_window_s=10.0, heartbeat_interval_ms=10_000,
+)
+FULL = Plan(
+    mode="full", statemachine_steps=1_000_000, codec_loops=50_000, codec_repeats=7,
+    ratio_connections=100, ratio_pairs=6, ratio_round_s=5.0, ratio_warmup_s=2.0,
+    attach_runtimes=1000, attach_generators=2,
+    output_runtimes=16, output_batches=1000, output_duration_s=20.0,
+    input_runtimes=8, input_posts=40, http_runs=500,
+    hold_sessions=20_000, hold_generators=4, hold_window_s=30.0, heartbeat_interval_ms=10_000,
+)
+
+
+class Results:
+    """Metrics as they are measured, plus the details and notes that explain them."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self.details: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    def put(self, name: str, value: float, unit: str) -> None:
+        """Record one metric (rounded for the reader: no figure here has 6 significant digits)."""
+        self.metrics[name] = {"value": round(value, 3), "unit": unit}
+        print(f"  {name:28s} {value:14,.3f} {unit}", flush=True)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile (p99 of 1 000 samples is the 990th smallest)."""
+    if not values:
+        raise ValueError("no samples")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _pairs(runs: Sequence[SeededRun]) -> list[list[str]]:
+    return [[run.run_id, run.token] for run in runs]
+
+
+class Bench:
+    """One bench run: its directory, certificate, plan and results."""
+
+    def __init__(self, plan: Plan, work: Path, nofile: int) -> None:
+        self.plan = plan
+        self.work = work
+        self.nofile = nofile
+        self.tls: TlsFiles = make_tls(work)
+        self.results = Results()
+        self._specs = 0
+
+    # --- processes ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def gateway(self, name: str, *flags: str) -> AsyncIterator[tuple[Child, str, str]]:
+        """A gateway child on its own data dir; yields it with its runtime and control URLs."""
+        data_dir = self.work / name
+        command = gateway_command(data_dir, self.tls, *flags)
+        env = {"AGENT_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
+        async with child(name, command, env=env, stderr=self.work / f"{name}.log") as gateway:
+            runtime_url = (await gateway.expect(RUNTIME_LINE, STARTUP_S)).decode()
+            control_url = (await gateway.expect(CONTROL_LINE, STARTUP_S)).decode()
+            yield gateway, runtime_url, control_url
+
+    @asynccontextmanager
+    async def loadgen(self, spec: dict[str, Any]) -> AsyncIterator[Child]:
+        """A load generator running `spec` (written to a file: run lists can be large)."""
+        self._specs += 1
+        path = self.work / f"spec-{self._specs}-{spec['scenario']}.json"
+        path.write_bytes(orjson.dumps({"ca": str(self.tls.ca), **spec}))
+        name = f"loadgen-{spec['scenario']}-{self._specs}"
+        async with child(name, module_command("bench.loadgen", str(path))) as generator:
+            yield generator
+
+    # --- phase 1: in process --------------------------------------------------------------------
+
+    def run_micro(self) -> None:
+        """The pure core's step rate and the codec's per-frame cost."""
+        print("micro benchmarks", flush=True)
+        steps = micro.statemachine_steps_per_s(self.plan.statemachine_steps)
+        self.results.put("statemachine_steps_per_s", steps, "steps/s")
+        ours, theirs = micro.codec_us(self.plan.codec_loops, self.plan.codec_repeats)
+        self.results.put("codec_us_per_frame", ours, "us")
+        self.results.put("jsonschema_us_per_frame", theirs, "us")
+
+    # --- phase 2: throughput --------------------------------------------------------------------
+
+    async def run_throughput(self) -> None:
+        """Echo next to the gateway, then attach bursts, outputs, inputs and run creation."""
+        plan = self.plan
+        print("seeding runs for the throughput gateway", flush=True)
+        runs = await seed_runs(
+            self.work / "throughput" / "gateway.sqlite3",
+            {"ratio": plan.ratio_connections, "attach": plan.attach_runtimes,
+             "out": plan.output_runtimes, "in": plan.input_runtimes},
+            with_secret=frozenset({"out", "in"}),
+        )
+        echo_command = module_command("bench.echo_server", "--cert", str(self.tls.cert),
+                                      "--key", str(self.tls.key))
+        async with (
+            child("echo", echo_command, stderr=self.work / "echo.log") as echo,
+            self.gateway("throughput") as (gateway, runtime_url, control_url),
+        ):
+            echo_url = (await echo.expect(ECHO_LINE, 30)).decode()
+            await self._ratio(runs["ratio"], echo, echo_url, gateway, runtime_url)
+            await self._attach_burst(runs["attach"], gateway, runtime_url)
+            await self._outputs(runs["out"], gateway, runtime_url)
+            await self._inputs(runs["in"], gateway, runtime_url, control_url)
+            await self._http_create(gateway, control_url)
+
+    async def _ratio(self, runs: list[SeededRun], echo: Child, echo_url: str, gateway: Child,
+                     runtime_url: str) -> None:
+        plan = self.plan
+        print(f"echo vs heartbeat: {plan.ratio_connections} connections,"
+              f" {plan.ratio_pairs} x 2 rounds of {plan.ratio_round_s} s", flush=True)
+        spec = {
+            "scenario": "ratio", "runs": _pairs(runs), "gateway_url": runtime_url,
+            "echo_url": echo_url, "server_pids": {"echo": echo.pid, "gateway": gateway.pid},
+            "rounds": plan.ratio_pairs * 2, "round_s": plan.ratio_round_s,
+            "warmup_s": plan.ratio_warmup_s, "cap": 1_000_000,
+        }
+        budget = 120 + plan.ratio_pairs * 2 * (plan.ratio_round_s + 5)
+        async with self.loadgen(spec) as generator:
+            result = await generator.event("result", budget)
+        rounds = result["rounds"]
+        rates: dict[str, list[float]] = {"echo": [], "gateway": []}
+        for entry in rounds:
+            if entry["bad"]:
+                raise RuntimeError(f"{entry['bad']} bad replies in a {entry['target']} round")
+            rates[entry["target"]].append(entry["round_trips"] / entry["elapsed_s"])
+        echo_rate = statistics.median(rates["echo"])
+        heartbeat_rate = statistics.median(rates["gateway"])
+        self.results.put("echo_rt_per_s", echo_rate, "round trips/s")
+        self.results.put("heartbeat_rt_per_s", heartbeat_rate, "round trips/s")
+        self.results.put("heartbeat_ratio", heartbeat_rate / echo_rate, "ratio")
+        cpu = {
+            target: {
+                "server_cores": statistics.median(
+                    r["server_cpu_s"] / r["elapsed_s"] for r in rounds if r["target"] == target),
+                "client_cores": statistics.median(
+                    r["client_cpu_s"] / r["elapsed_s"] for r in rounds if r["target"] == target),
+                "rates": [round(x) for x in rates[target]],
+            }
+            for target in ("echo", "gateway")
+        }
+        self.results.details["ratio"] = cpu
+        self.results.put("gateway_cpu_us_per_heartbeat",
+                         cpu["gateway"]["server_cores"] / heartbeat_rate * 1e6, "us")
+        self.results.put("echo_cpu_us_per_round_trip",
+                         cpu["echo"]["server_cores"] / echo_rate * 1e6, "us")
+
+    async def _attach_burst(self, runs: list[SeededRun], gateway: Child, runtime_url: str) -> None:
+        plan = self.plan
+        print(f"attach burst: {len(runs)} runtimes at once from {plan.attach_generators}"
+              " generators", flush=True)
+        start_wall = time.time() + 4.0  # every generator has imported and connected nothing yet
+        share = math.ceil(len(runs) / plan.attach_generators)
+        cpu = gateway.cpu_seconds()
+        async with AsyncExitStack() as stack:
+            generators = [
+                await stack.enter_async_context(self.loadgen({
+                    "scenario": "attach", "url": runtime_url, "start_wall": start_wall,
+                    "runs": _pairs(runs[i * share:(i + 1) * share]), "timeout_s": 60,
+                }))
+                for i in range(plan.attach_generators)
+            ]
+            reports = [await g.event("result", 90) for g in generators]
+        latencies = [x for r in reports for x in r["latencies_ms"]]
+        failures: dict[str, int] = {}
+        for report in reports:
+            for name, count in report["failures"].items():
+                failures[name] = failures.get(name, 0) + count
+        if not latencies:
+            raise RuntimeError(f"no runtime attached in the burst: {failures}")
+        self.results.put("attach_p99_ms", percentile(latencies, 0.99), "ms")
+        self.results.put("attach_p50_ms", percentile(latencies, 0.50), "ms")
+        self.results.details["attach"] = {
+            "attached": len(latencies), "failures": failures,
+            "gateway_cpu_s": round(gateway.cpu_seconds() - cpu, 3),
+            "client_cpu_s": [round(r["client_cpu_s"], 3) for r in reports],
+            "max_ms": max(latencies),
+        }
+        if failures:
+            self.results.notes.append(f"attach burst: {sum(failures.values())} of {len(runs)}"
+                                      f" runtimes failed ({failures}); p99 is over the others")
+
+    async def _outputs(self, runs: list[SeededRun], gateway: Child, runtime_url: str) -> None:
+        plan = self.plan
+        print(f"outputs: {len(runs)} runtimes publishing batches of 100 events", flush=True)
+        spec = {
+            "scenario": "outputs", "url": runtime_url, "runs": _pairs(runs), "batch": 100,
+            "batches": plan.output_batches, "duration_s": plan.output_duration_s,
+            "text_bytes": 84, "timeout_s": plan.output_duration_s + 60,
+        }
+        cpu = gateway.cpu_seconds()
+        async with self.loadgen(spec) as generator:
+            report = await generator.event("result", plan.output_duration_s + 120)
+        gateway_cpu = gateway.cpu_seconds() - cpu
+        stored = count_outputs(self.work / "throughput" / "gateway.sqlite3", report["runs"])
+        if stored < report["acked_events"]:
+            raise RuntimeError(f"{report['acked_events']} events acknowledged but only {stored}"
+                               " found in the store")
+        self.results.put("output_events_per_s", stored / report["elapsed_s"], "events/s")
+        self.results.details["outputs"] = {
+            "stored": stored, "acknowledged": report["acked_events"], "bad": report["bad"],
+            "elapsed_s": round(report["elapsed_s"], 3), "gateway_cpu_s": round(gateway_cpu, 3),
+            "client_cpu_s": round(report["client_cpu_s"], 3),
+        }
+
+    async def _inputs(self, runs: list[SeededRun], gateway: Child, runtime_url: str,
+                      control_url: str) -> None:
+        plan = self.plan
+        print(f"inputs: {plan.input_posts} posts of 100 events to each of {len(runs)} runs",
+              flush=True)
+        spec = {
+            "scenario": "inputs", "url": runtime_url, "control_url": control_url,
+            "admin_token": ADMIN_TOKEN, "runs": _pairs(runs), "posts": plan.input_posts,
+            "events_per_post": 100, "text_bytes": 120, "timeout_s": 120,
+        }
+        cpu = gateway.cpu_seconds()
+        async with self.loadgen(spec) as generator:
+            report = await generator.event("result", 180)
+        self.results.put("input_events_per_s", report["acked_events"] / report["elapsed_s"],
+                         "events/s")
+        self.results.details["inputs"] = {
+            "acknowledged": report["acked_events"], "elapsed_s": round(report["elapsed_s"], 3),
+            "gateway_cpu_s": round(gateway.cpu_seconds() - cpu, 3),
+            "client_cpu_s": round(report["client_cpu_s"], 3),
+        }
+
+    async def _http_create(self, gateway: Child, control_url: str) -> None:
+        count = self.plan.http_runs
+        print(f"POST /v1/runs x {count}", flush=True)
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        body = {"capabilities": [], "secrets": {}, "config": {"model": "bench"}}
+        async with httpx.AsyncClient(base_url=control_url, headers=headers, timeout=30) as http:
+            start = trio.current_time()
+            with trio.fail_after(60 + count / 10):
+                for _ in range(count):
+                    response = await http.post("/v1/runs", json=body)
+                    if response.status_code != 201:
+                        raise RuntimeError(f"POST /v1/runs answered {response.status_code}")
+            elapsed = trio.current_time() - start
+        self.results.put("create_run_http_per_s", count / elapsed, "runs/s")
+
+    # --- phase 3: holding sessions --------------------------------------------------------------
+
+    async def run_hold(self) -> None:
+        """A fresh gateway holding as many sessions as the plan (and the fd limit) allows."""
+        plan = self.plan
+        wanted = plan.hold_sessions
+        capacity = self.nofile - FD_RESERVE
+        count = min(wanted, capacity)
+        if count < wanted:
+            self.results.notes.append(
+                f"sessions_held: this box's RLIMIT_NOFILE hard limit is {self.nofile}, so one"
+                f" gateway process can hold at most ~{capacity} runtime sockets; the run tried"
+                f" {count} of the {wanted} asked (the limit, not the gateway, is the cap here)")
+        print(f"seeding {count} runs for the hold gateway", flush=True)
+        runs = (await seed_runs(self.work / "hold" / "gateway.sqlite3", {"hold": count}))["hold"]
+        interval = str(plan.heartbeat_interval_ms)
+        async with self.gateway("hold", "--heartbeat-interval-ms", interval) as (
+            gateway, runtime_url, control_url,
+        ):
+            await trio.sleep(1.0)
+            rss_before = gateway.rss_bytes()
+            cpu = gateway.cpu_seconds()
+            generators = plan.hold_generators
+            share = math.ceil(count / generators)
+            origin = time.time()
+            print(f"holding {count} sessions from {generators} generators, heartbeat every"
+                  f" {plan.heartbeat_interval_ms} ms", flush=True)
+            async with AsyncExitStack() as stack:
+                children = [
+                    await stack.enter_async_context(self.loadgen({
+                        "scenario": "hold", "url": runtime_url, "offset": i * share,
+                        "total": count, "runs": _pairs(runs[i * share:(i + 1) * share]),
+                        "interval_ms": plan.heartbeat_interval_ms, "origin_wall": origin,
+                        "connect_concurrency": 32, "timeout_s": 60 + count / 50,
+                    }))
+                    for i in range(generators)
+                ]
+                ramp = [await g.event("attached", 120 + count / 50) for g in children]
+                attached = sum(r["attached"] for r in ramp)
+                ramp_s = max(r["elapsed_s"] for r in ramp)
+                ramp_cpu = gateway.cpu_seconds() - cpu
+                await trio.sleep(3.0)  # let the allocator settle after the ramp
+                rss_after = gateway.rss_bytes()
+                print(f"  attached {attached} in {ramp_s:.1f} s; measuring"
+                      f" {plan.hold_window_s} s of heartbeats", flush=True)
+                cpu = gateway.cpu_seconds()
+                for generator in children:
+                    await generator.send(cmd="measure", window_s=plan.hold_window_s)
+                reports = [await g.event("result", plan.hold_window_s + 60) for g in children]
+                window_cpu = gateway.cpu_seconds() - cpu
+                leased = await leased_sessions(control_url)
+                for generator in children:
+                    await generator.send(cmd="stop")
+        latencies = [x for r in reports for x in r["latencies_ms"]]
+        refused = sum(r["refused"] for r in reports)
+        lost = sum(r["lost"] for r in reports)
+        held = attached - lost if refused == 0 else 0
+        held = min(held, leased)
+        self.results.put("sessions_held", held, "sessions")
+        self.results.put("session_kib", (rss_after - rss_before) / max(attached, 1) / 1024, "KiB")
+        if latencies:
+            self.results.put("heartbeat_p99_ms", percentile(latencies, 0.99), "ms")
+        self.results.put("hold_attach_per_s", attached / ramp_s, "sessions/s")
+        failures: dict[str, int] = {}
+        for report in ramp:
+            for name, n in report["failures"].items():
+                failures[name] = failures.get(name, 0) + n
+        self.results.details["hold"] = {
+            "asked": wanted, "tried": count, "attached": attached, "attach_failures": failures,
+            "lost_in_window": lost, "refused_heartbeats": refused, "leased_gauge": leased,
+            "heartbeats_timed": len(latencies),
+            "heartbeat_p50_ms": percentile(latencies, 0.5) if latencies else None,
+            "heartbeat_max_ms": max(latencies, default=None),
+            "generator_lag_ms_max": max(r["lag_ms_max"] for r in reports),
+            "rss_before_mib": round(rss_before / 2**20, 1),
+            "rss_after_mib": round(rss_after / 2**20, 1),
+            "ramp_s": round(ramp_s, 2), "ramp_gateway_cpu_s": round(ramp_cpu, 2),
+            "window_gateway_cores": round(window_cpu / (plan.hold_window_s + 5), 3),
+            "generator_cpu_s": [round(r["client_cpu_s"], 2) for r in reports],
+        }
+        if not latencies:
+            raise RuntimeError("no heartbeat was timed in the hold window")
+
+
+async def leased_sessions(control_url: str) -> int:
+    """The gateway's own count of leased sessions, from its Prometheus exposition."""
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=control_url, headers=headers, timeout=30) as http:
+        response = await http.get("/metrics")
+    response.raise_for_status()
+    match = re.search(r'^agent_gateway_sessions\{state="leased"\} (\S+)$', response.text, re.M)
+    if match is None:
+        raise RuntimeError("the gateway's /metrics has no leased-sessions gauge")
+    return int(float(match.group(1)))
+
+
+def count_outputs(database: Path, run_ids: Sequence[str]) -> int:
+    """Output events stored for these runs, read from the SQLite file (read-only)."""
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        marks = ",".join("?" * len(run_ids))
+        row = connection.execute(
+            f"SELECT count(*) FROM outputs WHERE run_id IN ({marks})", tuple(run_ids)
+        ).fetchone()
+        return int(row[0])
+    finally:
+        connection.close()
+
+
+async def run_plan(plan: Plan, nofile: int, phases: Sequence[str]) -> Results:
+    """Run the chosen phases in a scratch directory; return what they measured."""
+    with tempfile.TemporaryDirectory(prefix="agent-gateway-bench-") as scratch:
+        bench = Bench(plan, Path(scratch), nofile)
+        if "micro" in phases:
+            bench.run_micro()
+        if "throughput" in phases:
+            await bench.run_throughput()
+        if "hold" in phases:
+            await bench.run_hold()
+        return bench.results

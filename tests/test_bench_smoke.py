@@ -1,0 +1,144 @@
+"""The bench suite's own machinery, fast: results validation, rendering, the micro benchmarks.
+
+No assertion here is about speed (speed targets live in bench/, never in timed tests); these
+tests check that the suite measures and reports what it promises.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+# bench/ is not part of the wheel: the suite runs from the checkout, and so do these tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import describe
+from bench.micro import attached_hub, codec_us, statemachine_steps_per_s
+from bench.report import (
+    METRICS,
+    render,
+    render_markdown,
+    table_rows,
+    targets,
+    validate_results,
+    write_results,
+)
+from bench.suite import percentile
+from statemachine.effects import SendReply
+from statemachine.messages import HeartbeatResponse
+
+
+def synthetic(mode: str = "quick") -> dict[str, Any]:
+    values = {name: float(index + 1) for index, name in enumerate(METRICS)}
+    values["heartbeat_ratio"] = 0.9  # met
+    values["attach_p99_ms"] = 750.0  # missed
+    metrics = {name: {"value": value, "unit": METRICS[name]} for name, value in values.items()}
+    metrics["create_run_http_per_s"] = {"value": 123.0, "unit": "runs/s"}  # informational
+    return {
+        "metrics": metrics,
+        "machine": describe(1024),
+        "mode": mode,
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "notes": ["a note the renderer must carry"],
+        "details": {"hold": {"attached": 3}},
+    }
+
+
+def test_a_complete_document_validates() -> None:
+    assert validate_results(synthetic()) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "complaint"),
+    [
+        (lambda d: d["metrics"].pop("session_kib"), "metric 'session_kib' is missing"),
+        (lambda d: d["metrics"]["session_kib"].update(value="12"), "not a finite number"),
+        (lambda d: d["metrics"]["session_kib"].update(value=float("nan")), "not a finite number"),
+        (lambda d: d["metrics"]["session_kib"].update(value=True), "not a finite number"),
+        (lambda d: d["metrics"]["session_kib"].pop("unit"), "is not {value, unit}"),
+        (lambda d: d["machine"].pop("wsproto"), "machine.wsproto is missing"),
+        (lambda d: d.update(mode="medium"), "`mode` is not one of"),
+        (lambda d: d.pop("timestamp"), "`timestamp` is not a string"),
+        (lambda d: d.update(metrics=[]), "`metrics` is not an object"),
+    ],
+)
+def test_validation_names_what_is_wrong(damage: Any, complaint: str) -> None:
+    doc = copy.deepcopy(synthetic())
+    damage(doc)
+    problems = validate_results(doc)
+    assert any(complaint in problem for problem in problems), problems
+
+
+def test_write_results_refuses_a_bad_document(tmp_path: Path) -> None:
+    doc = synthetic()
+    del doc["metrics"]["codec_us_per_frame"]
+    with pytest.raises(ValueError, match="codec_us_per_frame"):
+        write_results(doc, tmp_path / "latest.json")
+    assert not (tmp_path / "latest.json").exists()
+
+
+def test_written_results_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "results" / "latest.json"
+    write_results(synthetic(), path)
+    assert validate_results(orjson.loads(path.read_bytes())) == []
+
+
+def test_table_has_every_metric_and_judges_targets() -> None:
+    rows = {row[0].strip("`"): row for row in table_rows(synthetic())}
+    assert set(METRICS) <= set(rows)
+    assert rows["heartbeat_ratio"][3:] == (">= 0.85", "yes")
+    assert rows["attach_p99_ms"][3:] == ("<= 500", "**no**")
+    assert rows["create_run_http_per_s"][3:] == ("", "")  # informational: no target
+
+
+def test_sessions_held_target_depends_on_the_mode() -> None:
+    assert targets("quick")["sessions_held"].bound == 2_000
+    assert targets("full")["sessions_held"].bound == 20_000
+
+
+def test_render_writes_the_page_and_the_chart(tmp_path: Path) -> None:
+    doc = synthetic("full")
+    render(doc, tmp_path / "benchmarks.md", tmp_path / "benchmarks.png")
+    page = (tmp_path / "benchmarks.md").read_text(encoding="utf-8")
+    assert "| metric | value | unit | target | met? |" in page
+    assert "![benchmark figures](benchmarks.png)" in page
+    assert "a note the renderer must carry" in page
+    assert "Mode **full**" in page
+    for name in METRICS:
+        assert f"`{name}`" in page
+    assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_without_a_chart_has_no_image() -> None:
+    assert "![" not in render_markdown(synthetic(), None)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    samples = [float(x) for x in range(1, 1001)]
+    assert percentile(samples, 0.99) == 990.0
+    assert percentile(samples, 0.5) == 500.0
+    assert percentile([7.0], 0.99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 0.99)
+
+
+def test_the_attached_hub_grants_heartbeats() -> None:
+    hub, heartbeats = attached_hub(3)
+    effects = hub.handle(heartbeats[1])
+    assert len(effects) == 1
+    assert isinstance(effects[0], SendReply)
+    assert isinstance(effects[0].payload, HeartbeatResponse)
+
+
+def test_statemachine_micro_benchmark_runs() -> None:
+    assert statemachine_steps_per_s(2_000, sessions=50, repeats=1) > 0
+
+
+def test_codec_micro_benchmark_runs() -> None:
+    ours, theirs = codec_us(50, 1)
+    assert ours > 0 and theirs > 0
