@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import trio
-from attrs import frozen
+from attrs import evolve, frozen
 from trio_websocket import ConnectionClosed
 
 from gateway.clock import Clock
@@ -75,6 +75,7 @@ from statemachine.messages import (
     OutputEvent,
     RecoverConnectionsCommand,
     RuntimeAttachRequest,
+    TaskInputDelivery,
 )
 from statemachine.records import RunGrant, SessionState
 
@@ -182,9 +183,9 @@ class Gateway:
             )
             self.metrics.error[effect.error.code].inc()
         elif isinstance(effect, DeliverInputs):
-            frame = encode(Channel.INPUT, effect.delivery_id, effect.delivery)
-            await self._send(effect.conn, frame, origin)
-            self.metrics.frame_out[Channel.INPUT].inc()
+            for frame in self._delivery_frames(effect.delivery_id, effect.delivery):
+                await self._send(effect.conn, frame, origin)
+                self.metrics.frame_out[Channel.INPUT].inc()
         elif isinstance(effect, ArmTimer):
             self.timers.arm(effect.run_id, effect.deadline)
         elif isinstance(effect, CloseConnection):
@@ -205,6 +206,22 @@ class Gateway:
                     log.exception("could not save session state of run %s", effect.record.run_id)
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
+
+    def _delivery_frames(self, delivery_id: str, delivery: TaskInputDelivery) -> list[str]:
+        """Encode a delivery, split into frames no bigger than the frame limit runtimes share.
+
+        The core batches by count; only here are bytes known. The control API refuses an input
+        that could not fit a frame alone, so halving always ends.
+        """
+        frame = encode(Channel.INPUT, delivery_id, delivery)
+        if len(frame) <= self.settings.max_frame_bytes or len(delivery.events) == 1:
+            return [frame]
+        half = len(delivery.events) // 2
+        frames = []
+        for part in (delivery.events[:half], delivery.events[half:]):
+            part_id = f"in-{delivery.run_id}-{part[0].seq}"
+            frames += self._delivery_frames(part_id, evolve(delivery, events=part))
+        return frames
 
     async def _send(self, conn: int, frame: str, origin: int | None) -> None:
         link = self.links.get(conn)
@@ -419,6 +436,7 @@ class Gateway:
                 capabilities=tuple(sorted(c.value for c in session.capabilities)),
                 connected=session.conn is not None,
             )
+        await self._know_runs((run_id,))
         if not self.hub.knows_run(run_id):
             return None
         record = await self.store.get_session(run_id)
