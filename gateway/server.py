@@ -49,6 +49,10 @@ async def _reject(request: WebSocketRequest, status: int, slug: str, detail: str
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="agent-gateway"'))
     await request.reject(status, extra_headers=headers, body=body)
+    # trio-websocket (0.12) leaves a refused handshake's TCP stream open until the peer closes it,
+    # so anyone without a token could hold sockets (and their reader tasks) open indefinitely.
+    # It has no public way to hang up after a refusal; this is the one its own close path uses.
+    await request._connection._close_stream()
 
 
 class RuntimeEndpoint:
