@@ -17,7 +17,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from itertools import accumulate
 from typing import Any, Final, NoReturn
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit
@@ -226,25 +226,22 @@ _PAYLOAD_VALIDATORS: Final = {ch: compile_def(ref) for ch, ref in PAYLOAD_SCHEMA
 
 # --- timestamps --------------------------------------------------------------------------------
 
-_TIMESTAMP = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
-)
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?Z")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _MS_PER_DAY: Final = 86_400_000
 
 
 def parse_timestamp(text: str) -> Millis:
     """RFC 3339 UTC (`...Z`, 0-9 fraction digits) to epoch millis; ValueError if no such instant."""
-    match = _TIMESTAMP.fullmatch(text)
-    if match is None:
+    # The regex fixes the shape (fromisoformat alone accepts many more); the range checks keep
+    # Python versions that read "24:00" as next midnight from disagreeing with the schema.
+    if _TIMESTAMP.fullmatch(text) is None or (
+            text[11:13] > "23" or text[14:16] > "59" or text[17:19] > "59"):
         raise ValueError("not an RFC 3339 UTC timestamp")
-    year, month, day, hour, minute, second, fraction = match.groups()
-    if int(hour) > 23 or int(minute) > 59 or int(second) > 59:
-        raise ValueError("not a time of day")
-    days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
-    millis = int((fraction or "0").ljust(3, "0")[:3])  # truncated: the core counts whole ms
-    seconds = (int(hour) * 60 + int(minute)) * 60 + int(second)
-    return Millis(days * _MS_PER_DAY + seconds * 1000 + millis)
+    # fromisoformat (C) checks the date exists; it keeps microseconds, floored to whole ms here.
+    return Millis((datetime.fromisoformat(text) - _EPOCH) // _ONE_MS)
 
 
 def format_millis(value: Millis) -> str:
@@ -634,6 +631,9 @@ def decode_server_frame(text: str | bytes,
         route, request_id, payload = _decode(text, max_bytes, _SERVER_ROUTES)
     except _Problem as problem:
         raise FrameRejected(problem.request_id, problem.payload) from None
+    except Exception:  # a client must not crash on a frame, whatever slipped through
+        error = ErrorPayload.of(ErrorCode.INVALID_FRAME, "the frame could not be decoded")
+        raise FrameRejected(None, error) from None
     return route.channel, request_id, payload
 
 

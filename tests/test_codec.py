@@ -210,6 +210,13 @@ def test_timestamps_parse_with_and_without_fractions(text: str, millis: int) -> 
     assert codec.parse_timestamp(text) == millis
 
 
+@pytest.mark.parametrize("digits", range(1, 10))
+def test_every_fraction_length_is_truncated_to_milliseconds(digits: int) -> None:
+    fraction = "987654321"[:digits]
+    expected = int(fraction.ljust(3, "0")[:3])
+    assert codec.parse_timestamp(f"1970-01-01T00:00:01.{fraction}Z") == 1000 + expected
+
+
 @pytest.mark.parametrize("text", [
     "2026-13-01T00:00:00Z", "2026-00-10T00:00:00Z", "2026-02-30T00:00:00Z",
     "2025-02-29T00:00:00Z", "2026-04-31T00:00:00Z", "0000-01-01T00:00:00Z",
