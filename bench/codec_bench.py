@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped,unused-ignore]
 from referencing import Registry, Resource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

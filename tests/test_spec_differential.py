@@ -30,7 +30,7 @@ from fastjsonschema import JsonSchemaValueException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
-from jsonschema import (  # type: ignore[import-untyped]
+from jsonschema import (  # type: ignore[import-untyped,unused-ignore]
     Draft202012Validator,
     ValidationError,
     validators,
