@@ -225,8 +225,12 @@ class Hub:
             session = self.sessions.pop(run_id, None)
             if session is not None:
                 holder = session.revoke(event.now, out)
-                if holder is not None:
-                    self._close(holder, CloseCode.REVOKED, "the run was revoked", event.now, out)
+                link = self.connections.get(holder) if holder is not None else None
+                if link is not None:
+                    # A sub-run rides on its main run's connection: revoking only the sub-run
+                    # ends its session there, not the link (4002 tells a runtime not to come
+                    # back). Links of a revoked main run are all closed just below.
+                    link.runs.discard(run_id)
             self.grants.pop(run_id, None)
         for conn_id, conn in list(self.connections.items()):
             if conn.principal in doomed:
