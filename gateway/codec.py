@@ -98,7 +98,7 @@ def _load_spec_document(uri: str) -> Any:
         or not parts.path.startswith("/v1/")
     ):
         raise SpecError(f"$ref outside {SPEC_BASE_URL}: {uri!r}")
-    relative = parts.path[len("/v1/"):]
+    relative = parts.path[len("/v1/") :]
     segments = relative.split("/")
     if "%" in relative or "\\" in relative or any(s in ("", ".", "..") for s in segments):
         raise SpecError(f"$ref with an unsafe path: {uri!r}")
@@ -238,7 +238,8 @@ def parse_timestamp(text: str) -> Millis:
     # The regex fixes the shape (fromisoformat alone accepts many more); the range checks keep
     # Python versions that read "24:00" as next midnight from disagreeing with the schema.
     if _TIMESTAMP.fullmatch(text) is None or (
-            text[11:13] > "23" or text[14:16] > "59" or text[17:19] > "59"):
+        text[11:13] > "23" or text[14:16] > "59" or text[17:19] > "59"
+    ):
         raise ValueError("not an RFC 3339 UTC timestamp")
     # fromisoformat (C) checks the date exists; it keeps microseconds, floored to whole ms here.
     return Millis((datetime.fromisoformat(text) - _EPOCH) // _ONE_MS)
@@ -414,16 +415,30 @@ def _too_deep(text: str) -> bool:
 class _Problem(Exception):
     """Internal: the frame is refused; carries what the error frame will say."""
 
-    def __init__(self, request_id: str | None, code: ErrorCode, message: str,
-                 path: str | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str | None,
+        code: ErrorCode,
+        message: str,
+        path: str | None = None,
+        *,
+        readable: bool = True,
+    ) -> None:
         super().__init__(message)
         self.request_id = request_id
         self.payload = ErrorPayload.of(code, message, path)
+        # False when the frame is not JSON at all: its "id" would be a guess, so it gets none.
+        self.readable = readable
 
 
 def _invalid(message: str, path: str | None = None, request_id: str | None = None) -> _Problem:
     """An `invalid_frame` problem."""
     return _Problem(request_id, ErrorCode.INVALID_FRAME, message, path)
+
+
+def _unreadable(message: str) -> _Problem:
+    """An `invalid_frame` problem for a frame that is not JSON text at all (answered, id null)."""
+    return _Problem(None, ErrorCode.INVALID_FRAME, message, readable=False)
 
 
 _MAX_POINTER: Final = 1024
@@ -463,24 +478,26 @@ def _locate(doc: Any, name: str) -> tuple[list[str], Any]:
             end = rest.index("]")
             index = int(rest[1:end])
             segments.append(str(index))
-            node, rest = node[index], rest[end + 1:]
+            node, rest = node[index], rest[end + 1 :]
         elif rest[0] == "." and isinstance(node, dict):
             keys = [
-                k for k in node
+                k
+                for k in node
                 if rest.startswith(k, 1) and (len(rest) == len(k) + 1 or rest[len(k) + 1] in ".[")
             ]
             if not keys:
                 break
             key = max(keys, key=len)
             segments.append(key)
-            node, rest = node[key], rest[len(key) + 1:]
+            node, rest = node[key], rest[len(key) + 1 :]
         else:
             break
     return segments, node
 
 
-def _schema_problem(exc: JsonSchemaValueException, doc: Any, prefix: list[str],
-                    request_id: str | None) -> _Problem:
+def _schema_problem(
+    exc: JsonSchemaValueException, doc: Any, prefix: list[str], request_id: str | None
+) -> _Problem:
     """Describe a schema violation by its rule and pointer only: never by the offending value."""
     segments, node = _locate(doc, exc.name or "data")
     rule = exc.rule or "schema"
@@ -503,8 +520,11 @@ def _timestamp_problem(route: _Route, payload: dict[str, Any], request_id: str) 
             try:
                 parse_timestamp(value)
             except (ValueError, TypeError):
-                return _invalid("the timestamp at `path` names a date that does not exist",
-                                _pointer(["payload", *segments]), request_id)
+                return _invalid(
+                    "the timestamp at `path` names a date that does not exist",
+                    _pointer(["payload", *segments]),
+                    request_id,
+                )
     return _invalid("the payload could not be read", "/payload", request_id)
 
 
@@ -542,9 +562,9 @@ def _parse(text: str | bytes, max_bytes: int) -> dict[str, Any]:
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError:
-            raise _invalid("the frame is not valid UTF-8") from None
+            raise _unreadable("the frame is not valid UTF-8") from None
     else:
-        raise _invalid("the frame is neither text nor bytes")
+        raise _unreadable("the frame is neither text nor bytes")
     try:
         try:
             doc, end = _SCAN(text, 0)  # the C scanner directly: a third cheaper than `decode`
@@ -555,9 +575,9 @@ def _parse(text: str | bytes, max_bytes: int) -> dict[str, Any]:
     except RecursionError:
         raise _invalid(f"the frame nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:
-        raise _invalid("the frame is not JSON") from None
+        raise _unreadable("the frame is not JSON") from None
     if end != len(text) and text[end:].strip(" \t\n\r"):
-        raise _invalid("the frame has data after its JSON document")
+        raise _unreadable("the frame has data after its JSON document")
     if type(doc) is not dict:
         raise _invalid("the frame is not a JSON object", "")
     if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(text):
@@ -580,8 +600,9 @@ def _readable_id(doc: dict[str, Any]) -> str | None:
     return typing.cast(str, request_id)
 
 
-def _decode(text: str | bytes, max_bytes: int,
-            routes: dict[str, _Route]) -> tuple[_Route, str | None, Any]:
+def _decode(
+    text: str | bytes, max_bytes: int, routes: dict[str, _Route]
+) -> tuple[_Route, str | None, Any]:
     """Parse, validate the envelope and the payload, and structure it (raising `_Problem`)."""
     doc = _parse(text, max_bytes)
     try:
@@ -589,14 +610,19 @@ def _decode(text: str | bytes, max_bytes: int,
     except JsonSchemaValueException as exc:
         request_id = _readable_id(doc)
         if exc.rule == "enum" and exc.name == "data.channel":
-            raise _Problem(request_id, ErrorCode.UNKNOWN_CHANNEL,
-                           "no such channel in protocol v1", "/channel") from None
+            raise _Problem(
+                request_id, ErrorCode.UNKNOWN_CHANNEL, "no such channel in protocol v1", "/channel"
+            ) from None
         raise _schema_problem(exc, doc, [], request_id) from None
     request_id = doc["id"]
     route = routes.get(doc["channel"])
     if route is None:
-        raise _Problem(request_id, ErrorCode.UNKNOWN_CHANNEL,
-                       "this channel does not go in this direction", "/channel")
+        raise _Problem(
+            request_id,
+            ErrorCode.UNKNOWN_CHANNEL,
+            "this channel does not go in this direction",
+            "/channel",
+        )
     payload = doc["payload"]
     try:
         route.validate(payload)
@@ -608,12 +634,54 @@ def _decode(text: str | bytes, max_bytes: int,
         raise _timestamp_problem(route, payload, request_id) from None
 
 
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_ID_VALUE = re.compile(r'\s*:\s*("(?:[^"\\]|\\.)*")')  # a key's string value, after the key
+_SALVAGE_TOKENS: Final = 256
+
+
+def _salvaged_id(text: str | bytes) -> str | None:
+    """The top-level `id` of a frame refused before it could be read, if one can be found.
+
+    A runtime can then fail that one request instead of waiting for an answer. Only strings and
+    brackets are tokenised (by the regex engine, not Python) and only the first
+    `_SALVAGE_TOKENS` tokens are looked at, so a hostile frame costs little; an ambiguous frame
+    (two top-level ids) has none.
+    """
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    found: list[str] = []
+    depth = 0
+    for count, token in enumerate(_TOKEN.finditer(text)):
+        if count >= _SALVAGE_TOKENS:
+            break
+        lexeme = token.group()
+        if lexeme in "{[":
+            depth += 1
+        elif lexeme in "}]":
+            depth -= 1
+        elif depth == 1 and lexeme == '"id"':
+            value = _ID_VALUE.match(text, token.end())
+            if value is not None:
+                found.append(value.group(1))
+    if len(found) != 1:
+        return None
+    try:
+        return _readable_id({"id": json.loads(found[0])})
+    except ValueError:
+        return None
+
+
 def decode(text: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded | DecodeError:
     """Read one runtime->gateway frame into a command, or say why it is refused; never raises."""
     try:
         route, request_id, command = _decode(text, max_bytes, _COMMAND_ROUTES)
         return Decoded(route.channel, typing.cast(str, request_id), command)
     except _Problem as problem:
+        if problem.request_id is None and problem.readable and isinstance(text, str | bytes):
+            return DecodeError(_salvaged_id(text), problem.payload)
         return DecodeError(problem.request_id, problem.payload)
     except Exception:  # the promise is "never raises", whatever slipped through
         return DecodeError(
@@ -621,8 +689,9 @@ def decode(text: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded | D
         )
 
 
-def decode_server_frame(text: str | bytes,
-                        max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Channel, str | None, Any]:
+def decode_server_frame(
+    text: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[Channel, str | None, Any]:
     """Read one gateway->runtime frame (reply, input delivery or error), for runtime clients.
 
     Raises FrameRejected if the gateway broke the protocol.

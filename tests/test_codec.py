@@ -258,11 +258,26 @@ INVALID = ErrorCode.INVALID_FRAME
 
 @pytest.mark.parametrize("text", [
     "", " ", "{", "}", "nope", "{}x", "{} {}", '{"a":1,}', "{'a': 1}", '{"a":01}', '{"a":"\x01"}',
-    '{"channel":"runtime.session.heartbeat.command","id":"r","payload":{}',
 ])
 def test_text_that_is_not_json(text: str) -> None:
     result = refused(text)
     assert (result.request_id, result.error.code, result.error.path) == (None, INVALID, None)
+
+
+@pytest.mark.parametrize(("text", "request_id"), [
+    ('{"id": "n1", "payload": {"x": NaN}}', "n1"),  # JSON refused by policy: still named
+    ('{"id": "d1", "payload": {"x": ' + "[" * 5000 + "]" * 5000 + "}}", "d1"),
+    ('{"id": "a", "id": "b", "payload": {}}', None),  # two ids: which request? none
+    ('{"payload": {"id": "inner"}, "x": NaN}', None),  # only the top level counts
+    ('{"id": 5, "payload": {"x": NaN}}', None),  # not a valid id
+    # Not JSON at all: unreadable, whatever it seems to say.
+    ('{"channel":"runtime.session.heartbeat.command","id":"r","payload":{}', None),
+])
+def test_an_unreadable_frame_still_names_its_request_when_it_can(
+    text: str, request_id: str | None
+) -> None:
+    result = refused(text)
+    assert (result.request_id, result.error.code) == (request_id, INVALID)
 
 
 @pytest.mark.parametrize("data", [b"\xff", b'{"a":"\xc3"}', b"\xef\xbb\xbf{}", b"\xed\xa0\x80",
@@ -346,7 +361,8 @@ def test_seq_beyond_2_pow_53_is_refused_with_its_path() -> None:
 def test_frames_over_the_size_limit() -> None:
     big = frame("runtime.session.heartbeat.command", heartbeat(metadata={"s": "x" * (2 << 20)}))
     result = refused(big)
-    assert (result.error.code, result.request_id) == (ErrorCode.PAYLOAD_TOO_LARGE, None)
+    # The refusal carries the frame's id, so the runtime can fail that one request.
+    assert (result.error.code, result.request_id) == (ErrorCode.PAYLOAD_TOO_LARGE, "req-1")
     assert refused(big.encode()).error.code is ErrorCode.PAYLOAD_TOO_LARGE
     small = frame("runtime.session.heartbeat.command", heartbeat())
     assert refused(small, max_bytes=len(small) - 1).error.code is ErrorCode.PAYLOAD_TOO_LARGE
