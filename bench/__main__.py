@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 
@@ -36,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     nofile = raise_nofile()
     started = datetime.datetime.now(datetime.UTC)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     print(f"bench: mode {plan.mode}, phases {' '.join(args.only)}, nofile {nofile}", flush=True)
     results = trio.run(run_plan, plan, nofile, args.only)
     elapsed = datetime.datetime.now(datetime.UTC) - started
     doc = {
         "metrics": results.metrics,
-        "machine": describe(nofile),
+        "machine": {**describe(nofile), "load_average_before": load_before},
         "mode": plan.mode,
         "timestamp": started.isoformat(timespec="seconds"),
         "duration_s": round(elapsed.total_seconds(), 1),
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if set(args.only) != set(PHASES) else 1
     write_results(doc, args.results)
     render(doc, args.docs / "benchmarks.md", args.docs / "benchmarks.png")
-    print((args.docs / "benchmarks.md").read_text(encoding="utf-8").split("\n## Notes")[0])
+    page = (args.docs / "benchmarks.md").read_text(encoding="utf-8")
+    print("\n".join(line for line in page.splitlines() if line.startswith("|")))
     return 0
 
 

@@ -35,6 +35,7 @@ from bench.wire import (
     HeartbeatFrames,
     ack_frame,
     attach,
+    attach_frame,
     connect,
     output_batch,
 )
@@ -225,12 +226,43 @@ async def hold(spec: Spec) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def idle(spec: Spec) -> None:
+    """Open connections and leave them idle: the transport's own cost per connection."""
+    context = _context(spec)
+    limiter = trio.Semaphore(spec["connect_concurrency"])
+    failures: Counter[str] = Counter()
+    opened = 0
+    async with trio.open_nursery() as nursery:
+
+        async def one() -> None:
+            nonlocal opened
+            async with limiter:
+                try:
+                    await connect(nursery, spec["url"], context)
+                    opened += 1
+                except FAILURES as failure:
+                    failures[type(failure).__name__] += 1
+
+        with trio.fail_after(spec["timeout_s"]):
+            async with trio.open_nursery() as openers:
+                for _ in range(spec["connections"]):
+                    openers.start_soon(one)
+        emit(event="attached", attached=opened, failures=dict(failures))
+        await _stdin().read_json()  # "stop", or end of stdin
+        nursery.cancel_scope.cancel()
+
+
 # --- many runtimes attaching at once ---------------------------------------------------------
 
 
 async def attach_burst(spec: Spec) -> None:
-    """At one agreed instant, every run connects, authenticates and attaches."""
+    """At one agreed instant, every run connects, authenticates and attaches.
+
+    Against the echo server (`"echo": true`) the same connections send the same attach frame
+    and wait for its echo: the transport's own share of an attach.
+    """
     context = _context(spec)
+    echo = bool(spec.get("echo"))
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     async with trio.open_nursery() as connections:
@@ -239,8 +271,14 @@ async def attach_burst(spec: Spec) -> None:
 
         async def one(index: int, run_id: str, token: str) -> None:
             try:
-                ws = await connect(connections, spec["url"], context, token)
-                await attach(ws, run_id, _instance(index))
+                ws = await connect(connections, spec["url"], context, None if echo else token)
+                if echo:
+                    frame = attach_frame(run_id, _instance(index))
+                    await ws.send_message(frame)
+                    if await ws.get_message() != frame:
+                        raise AttachFailed("the echo server changed the frame")
+                else:
+                    await attach(ws, run_id, _instance(index))
                 latencies.append(trio.current_time() - start)
             except FAILURES as failure:
                 failures[type(failure).__name__] += 1
@@ -362,6 +400,7 @@ async def inputs(spec: Spec) -> None:
 SCENARIOS: dict[str, Callable[[Spec], Awaitable[None]]] = {
     "ratio": ratio,
     "hold": hold,
+    "idle": idle,
     "attach": attach_burst,
     "outputs": outputs,
     "inputs": inputs,

@@ -44,4 +44,5 @@ def describe(nofile: int) -> dict[str, Any]:
         "openssl": ssl.OPENSSL_VERSION,
         "orjson": _version("orjson"),
         "nofile_limit": nofile,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -59,6 +59,7 @@ class Plan:
     ratio_warmup_s: float
     attach_runtimes: int
     attach_generators: int
+    attach_rounds: int
     output_runtimes: int
     output_batches: int
     output_duration_s: float
@@ -74,7 +75,7 @@ class Plan:
 QUICK = Plan(
     mode="quick", statemachine_steps=200_000, codec_loops=20_000, codec_repeats=3,
     ratio_connections=100, ratio_pairs=3, ratio_round_s=2.0, ratio_warmup_s=1.0,
-    attach_runtimes=1000, attach_generators=2,
+    attach_runtimes=1000, attach_generators=2, attach_rounds=1,
     output_runtimes=16, output_batches=100, output_duration_s=6.0,
     input_runtimes=8, input_posts=10, http_runs=100,
     hold_sessions=2000, hold_generators=2, hold_window_s=10.0, heartbeat_interval_ms=10_000,
@@ -82,7 +83,7 @@ QUICK = Plan(
 FULL = Plan(
     mode="full", statemachine_steps=1_000_000, codec_loops=50_000, codec_repeats=7,
     ratio_connections=100, ratio_pairs=6, ratio_round_s=5.0, ratio_warmup_s=2.0,
-    attach_runtimes=1000, attach_generators=2,
+    attach_runtimes=1000, attach_generators=2, attach_rounds=3,
     output_runtimes=16, output_batches=1000, output_duration_s=20.0,
     input_runtimes=8, input_posts=40, http_runs=500,
     hold_sessions=20_000, hold_generators=4, hold_window_s=30.0, heartbeat_interval_ms=10_000,
@@ -181,7 +182,7 @@ class Bench:
         ):
             echo_url = (await echo.expect(ECHO_LINE, 30)).decode()
             await self._ratio(runs["ratio"], echo, echo_url, gateway, runtime_url)
-            await self._attach_burst(runs["attach"], gateway, runtime_url)
+            await self._attach_burst(runs["attach"], echo, echo_url, gateway, runtime_url)
             await self._outputs(runs["out"], gateway, runtime_url)
             await self._inputs(runs["in"], gateway, runtime_url, control_url)
             await self._http_create(gateway, control_url)
@@ -227,17 +228,18 @@ class Bench:
         self.results.put("echo_cpu_us_per_round_trip",
                          cpu["echo"]["server_cores"] / echo_rate * 1e6, "us")
 
-    async def _attach_burst(self, runs: list[SeededRun], gateway: Child, runtime_url: str) -> None:
+    async def _burst(self, runs: list[SeededRun], url: str, server: Child,
+                     echo: bool) -> dict[str, Any]:
+        """Every run's runtime connects and attaches (or, to the echo server, echoes its attach
+        frame) at one instant, from several generators; latencies from that instant."""
         plan = self.plan
-        print(f"attach burst: {len(runs)} runtimes at once from {plan.attach_generators}"
-              " generators", flush=True)
-        start_wall = time.time() + 4.0  # every generator has imported and connected nothing yet
+        start_wall = time.time() + 4.0  # every generator has started and imported by then
         share = math.ceil(len(runs) / plan.attach_generators)
-        cpu = gateway.cpu_seconds()
+        cpu = server.cpu_seconds()
         async with AsyncExitStack() as stack:
             generators = [
                 await stack.enter_async_context(self.loadgen({
-                    "scenario": "attach", "url": runtime_url, "start_wall": start_wall,
+                    "scenario": "attach", "url": url, "start_wall": start_wall, "echo": echo,
                     "runs": _pairs(runs[i * share:(i + 1) * share]), "timeout_s": 60,
                 }))
                 for i in range(plan.attach_generators)
@@ -250,17 +252,42 @@ class Bench:
                 failures[name] = failures.get(name, 0) + count
         if not latencies:
             raise RuntimeError(f"no runtime attached in the burst: {failures}")
-        self.results.put("attach_p99_ms", percentile(latencies, 0.99), "ms")
-        self.results.put("attach_p50_ms", percentile(latencies, 0.50), "ms")
-        self.results.details["attach"] = {
-            "attached": len(latencies), "failures": failures,
-            "gateway_cpu_s": round(gateway.cpu_seconds() - cpu, 3),
+        return {
+            "p99_ms": percentile(latencies, 0.99), "p50_ms": percentile(latencies, 0.5),
+            "max_ms": max(latencies), "done": len(latencies), "failures": failures,
+            "server_cpu_s": round(server.cpu_seconds() - cpu, 3),
             "client_cpu_s": [round(r["client_cpu_s"], 3) for r in reports],
-            "max_ms": max(latencies),
         }
-        if failures:
-            self.results.notes.append(f"attach burst: {sum(failures.values())} of {len(runs)}"
-                                      f" runtimes failed ({failures}); p99 is over the others")
+
+    async def _attach_burst(self, runs: list[SeededRun], echo: Child, echo_url: str,
+                            gateway: Child, runtime_url: str) -> None:
+        rounds = self.plan.attach_rounds
+        print(f"attach burst: {len(runs)} runtimes at once from {self.plan.attach_generators}"
+              f" generators, echo server then gateway, {rounds} time(s)", flush=True)
+        bursts: dict[str, list[dict[str, Any]]] = {"echo": [], "gateway": []}
+        for _ in range(rounds):
+            bursts["echo"].append(await self._burst(runs, echo_url, echo, echo=True))
+            bursts["gateway"].append(await self._burst(runs, runtime_url, gateway, echo=False))
+
+        def median(name: str, key: str) -> float:
+            return statistics.median(float(b[key]) for b in bursts[name])
+
+        def cpu_s_each(name: str) -> float:
+            per = [float(b["server_cpu_s"]) / max(int(b["done"]), 1) for b in bursts[name]]
+            return statistics.median(per)
+
+        self.results.put("attach_p99_ms", median("gateway", "p99_ms"), "ms")
+        self.results.put("attach_p50_ms", median("gateway", "p50_ms"), "ms")
+        self.results.put("echo_connect_p99_ms", median("echo", "p99_ms"), "ms")
+        self.results.put("gateway_cpu_ms_per_attach", cpu_s_each("gateway") * 1000, "ms")
+        self.results.put("echo_cpu_ms_per_connect", cpu_s_each("echo") * 1000, "ms")
+        self.results.details["attach"] = bursts
+        for name, outcomes in bursts.items():
+            failed = sum(sum(outcome["failures"].values()) for outcome in outcomes)
+            if failed:
+                self.results.notes.append(
+                    f"attach burst ({name}): {failed} of {len(runs) * rounds} runtimes failed;"
+                    " the p99 is over the others (details.attach has the reasons)")
 
     async def _outputs(self, runs: list[SeededRun], gateway: Child, runtime_url: str) -> None:
         plan = self.plan
@@ -323,6 +350,24 @@ class Bench:
 
     # --- phase 3: holding sessions --------------------------------------------------------------
 
+    async def _echo_memory(self, count: int) -> None:
+        """RSS growth of the bare echo server per idle TLS WebSocket: the transport's floor."""
+        print(f"echo server memory: {count} idle connections", flush=True)
+        command = module_command("bench.echo_server", "--cert", str(self.tls.cert),
+                                 "--key", str(self.tls.key))
+        async with child("echo-idle", command, stderr=self.work / "echo-idle.log") as echo:
+            url = (await echo.expect(ECHO_LINE, 30)).decode()
+            await trio.sleep(1.0)
+            before = echo.rss_bytes()
+            spec = {"scenario": "idle", "url": url, "connections": count,
+                    "connect_concurrency": 32, "timeout_s": 60 + count / 20}
+            async with self.loadgen(spec) as generator:
+                opened = (await generator.event("attached", 120 + count / 20))["attached"]
+                await trio.sleep(3.0)
+                after = echo.rss_bytes()
+                await generator.send(cmd="stop")
+        self.results.put("echo_conn_kib", (after - before) / max(opened, 1) / 1024, "KiB")
+
     async def run_hold(self) -> None:
         """A fresh gateway holding as many sessions as the plan (and the fd limit) allows."""
         plan = self.plan
@@ -334,6 +379,7 @@ class Bench:
                 f"sessions_held: this box's RLIMIT_NOFILE hard limit is {self.nofile}, so one"
                 f" gateway process can hold at most ~{capacity} runtime sockets; the run tried"
                 f" {count} of the {wanted} asked (the limit, not the gateway, is the cap here)")
+        await self._echo_memory(min(count, 2000))
         print(f"seeding {count} runs for the hold gateway", flush=True)
         runs = (await seed_runs(self.work / "hold" / "gateway.sqlite3", {"hold": count}))["hold"]
         interval = str(plan.heartbeat_interval_ms)
