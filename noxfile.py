@@ -109,3 +109,17 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (`nox -s bench -- --help` for their options)."""
     session.install(".[dev,bench]")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(python="3.11")
+def reliability(session: nox.Session) -> None:
+    """Run the fault and hostile-input tests with their long variants; rewrites reliability.md."""
+    session.install(".[dev]")
+    files = sorted(
+        str(path.relative_to(ROOT))
+        for pattern in ("test_fault_*.py", "test_hostile_*.py", "test_control_fuzz.py",
+                        "test_secrets_never_leak.py")
+        for path in (ROOT / "tests").glob(pattern)
+    )
+    # An explicit marker expression, so the long variants run whatever the default selection is.
+    session.run("pytest", "-m", "slow or not slow", *files, *session.posargs)
