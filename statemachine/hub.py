@@ -535,6 +535,12 @@ class Hub:
             return PublishOutputEventsResponse(True)
         if answer.outcome is AppendOutcome.FENCED:
             return ErrorPayload.of(ErrorCode.STALE_EPOCH, "a higher epoch holds this run now")
+        if answer.outcome is AppendOutcome.SEQ_CONFLICT:
+            return ErrorPayload.of(
+                ErrorCode.SEQ_CONFLICT,
+                "a seq in the batch is stored with another eventId; the log's next seq is "
+                f"{answer.expected_seq} (see nextOutputSeq in the attach reply)",
+            )
         return ErrorPayload.of(
             ErrorCode.SEQ_GAP,
             f"the batch does not continue the log; next seq is {answer.expected_seq}",
@@ -542,22 +548,16 @@ class Hub:
 
     def _claim_answered(self, pending: Pending, event: StoreAnswered, out: list[Effect]) -> Any:
         answer = event.answer
-        held = isinstance(answer, EpochClaimed) and answer.ok
-        granted = True
-        for run_id in pending.run_ids:
-            session = self.sessions.get(run_id)
-            if session is None:
-                granted = False
-                continue
-            acked = (
-                answer.input_acked_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
-            )
-            last = answer.input_last_seq.get(run_id, -1) if isinstance(answer, EpochClaimed) else -1
-            if not session.claim_answered(event.ticket, held, acked, last, event.now, out):
-                granted = False
+        sessions = [self.sessions.get(run_id) for run_id in pending.run_ids]
+        # All or nothing: if a later claim took one of the runs, none of them is granted here.
+        whole = all(s is not None and s.claim_ticket == event.ticket for s in sessions)
+        claim = answer if isinstance(answer, EpochClaimed) and whole else None
+        granted = [s.claim_answered(event.ticket, claim, event.now, out) for s in sessions if s]
         if isinstance(answer, StoreFailed):
             return ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
-        if not granted:
+        if not whole:
+            return ErrorPayload.of(ErrorCode.STALE_EPOCH, "a later attach took one of the runs")
+        if not all(granted):
             return ErrorPayload.of(ErrorCode.STALE_EPOCH, "a higher epoch took this run")
         if pending.op is Op.RECOVER:
             return RecoverConnectionsResponse(True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from attrs import frozen
+from attrs import field, frozen
 
 from statemachine.messages import Command, InputEvent, Millis
 from statemachine.records import RunGrant, SessionRecord
@@ -103,15 +103,17 @@ class AppendOutcome(enum.Enum):
     STORED = "stored"  # durable; events whose seq was already stored were skipped
     FENCED = "fenced"  # the run's epoch moved on: this connection was superseded
     SEQ_GAP = "seq_gap"  # the batch skips a seq; nothing was stored
+    SEQ_CONFLICT = "seq_conflict"  # a stored seq came again with another eventId; nothing stored
 
 
 @frozen
 class EpochClaimed:
-    """Answer to `ClaimEpoch`: whether every claim held, and each run's input positions."""
+    """Answer to `ClaimEpoch`: whether every claim held, and each run's log positions."""
 
     ok: bool
     input_acked_seq: dict[str, int]
     input_last_seq: dict[str, int]
+    output_last_seq: dict[str, int] = field(factory=dict)
 
 
 @frozen

@@ -71,7 +71,7 @@ class ErrorCode(enum.Enum):
     FORBIDDEN_RUN = "forbidden_run"
     UNSUPPORTED_VERSION = "unsupported_version"
     SEQ_GAP = "seq_gap"
-    SESSION_LOST = "session_lost"
+    SEQ_CONFLICT = "seq_conflict"
 
 
 # Whether a runtime may send the same request again (after backing off, or after re-attaching).
@@ -89,7 +89,7 @@ RETRYABLE: dict[ErrorCode, bool] = {
     ErrorCode.FORBIDDEN_RUN: False,
     ErrorCode.UNSUPPORTED_VERSION: False,
     ErrorCode.SEQ_GAP: False,
-    ErrorCode.SESSION_LOST: False,
+    ErrorCode.SEQ_CONFLICT: False,
 }
 
 
@@ -229,6 +229,7 @@ class RuntimeAttachResponse:
     heartbeat_interval_ms: int
     lease_expires_at: Millis
     config_version: str | None = None
+    next_output_seq: int | None = None  # extension: where a (restarted) runtime's outputs go on
 
 
 @frozen

@@ -19,7 +19,7 @@ from statemachine.effects import (
     SessionChanged,
 )
 from statemachine.errors import Refused
-from statemachine.inputs import ConnId
+from statemachine.inputs import ConnId, EpochClaimed
 from statemachine.messages import (
     Capability,
     ErrorCode,
@@ -64,6 +64,7 @@ class Session:
         "input_reading",
         "input_sent",
         "lease_expires_at",
+        "output_next",
         "policy",
         "recovery_deadline",
         "run_id",
@@ -91,6 +92,7 @@ class Session:
         self.input_last = -1  # inputs up to here are queued in the store
         self.input_sent = -1  # inputs up to here went out on the current connection
         self.input_reading: int | None = None  # the store read of inputs in flight, if any
+        self.output_next = 0  # the seq the run's output log takes next, as of the last claim
 
     # --- the table ------------------------------------------------------------------------------
 
@@ -198,19 +200,30 @@ class Session:
         return displaced
 
     def claim_answered(
-        self, ticket: int, held: bool, acked: int, last: int, now: Millis, out: list[Effect]
+        self, ticket: int, claim: EpochClaimed | None, now: Millis, out: list[Effect]
     ) -> bool:
-        """The store answered our claim: grant the lease (True) or give the session up."""
+        """The store answered our claim (None: it failed): grant the lease (True) or not."""
         if ticket != self.claim_ticket:
             return False  # a later claim replaced this one; its connection was closed
         self.claim_ticket = None
-        action = self._fire(Trigger.CLAIM_HELD if held else Trigger.CLAIM_FENCED, now, out)
-        if action is not Action.GRANT:
+        if claim is None:
+            trigger = Trigger.CLAIM_FAILED
+        else:
+            trigger = Trigger.CLAIM_HELD if claim.ok else Trigger.CLAIM_FENCED
+        action = self._fire(trigger, now, out)
+        if action is Action.RELEASE:
+            # The runtime was told `internal` (retryable): its retry must find the session.
+            self.recovery_deadline = Millis(
+                max(self.recovery_deadline, now + self.policy.recovery_window_ms)
+            )
+            self._arm(out)
+        if claim is None or action is not Action.GRANT:
             out.append(SaveSession(self.record()))
             return False
         self.lease_expires_at = Millis(now + self.policy.lease_ttl_ms)
-        self.input_acked = max(self.input_acked, acked)
-        self.input_last = max(self.input_last, last)
+        self.output_next = claim.output_last_seq.get(self.run_id, -1) + 1
+        self.input_acked = max(self.input_acked, claim.input_acked_seq.get(self.run_id, -1))
+        self.input_last = max(self.input_last, claim.input_last_seq.get(self.run_id, -1))
         self.input_sent = self.input_acked  # redeliver whatever was not acknowledged
         self._arm(out)
         return True
@@ -223,6 +236,7 @@ class Session:
             heartbeat_interval_ms=self.policy.heartbeat_interval_ms,
             lease_expires_at=self.lease_expires_at,
             config_version=self.grant.config_version,
+            next_output_seq=self.output_next,
         )
 
     # --- using the session ----------------------------------------------------------------------

@@ -325,6 +325,7 @@ class MemoryStore:
             ok=ok,
             input_acked_seq={r.run_id: self.acked.get(r.run_id, -1) for r in records},
             input_last_seq={r.run_id: self.last_input(r.run_id) for r in records},
+            output_last_seq={r.run_id: len(self.outputs.get(r.run_id, [])) - 1 for r in records},
         )
 
     def _append(self, effect: AppendOutputs) -> OutputsAppended:

@@ -39,7 +39,7 @@ from statemachine.effects import (
     SendReply,
     SessionChanged,
 )
-from statemachine.inputs import EpochClaimed, RunRevoked, StoreAnswered, TimerFired
+from statemachine.inputs import EpochClaimed, RunRevoked, StoreAnswered, StoreFailed, TimerFired
 from statemachine.messages import (
     CloseCode,
     ErrorCode,
@@ -54,25 +54,33 @@ from statemachine.table import TRANSITIONS, Action, Trigger
 S, T = SessionState, Trigger
 PAIRS = list(itertools.product(SessionState, Trigger))
 FIRE = "fire"  # the request id of the command that raises the trigger
+CLAIM_ANSWERS = (T.CLAIM_HELD, T.CLAIM_FENCED, T.CLAIM_FAILED)
+
+
+def claim_answer(trigger: Trigger) -> EpochClaimed | StoreFailed:
+    """The store's answer that raises a claim trigger."""
+    if trigger is T.CLAIM_FAILED:
+        return StoreFailed("the disk is full")
+    return EpochClaimed(trigger is T.CLAIM_HELD, {MAIN: -1}, {MAIN: -1})
 
 # Pairs no real input can raise, and why:
 # - a claim answer reaches the table only when its ticket is the session's current claim, which
-#   only `claim` sets (moving to ATTACHED or RECOVERING) and GRANT/REFUSE_FENCED/END clear; so in
+#   only `claim` sets (moving to ATTACHED or RECOVERING) and GRANT/GIVE_UP/RELEASE/END clear; so in
 #   DETACHED, LEASED and EXPIRED every claim answer is a stale or duplicate one, dropped before
 #   the lookup;
 # - `check_deadlines` raises LEASE_DEADLINE only in LEASED and RECOVERY_DEADLINE only in EXPIRED,
 #   so a timer in any other state finds nothing due.
 UNREACHABLE = frozenset(
     {(state, trigger) for state in (S.DETACHED, S.LEASED, S.EXPIRED)
-     for trigger in (T.CLAIM_HELD, T.CLAIM_FENCED)}
+     for trigger in CLAIM_ANSWERS}
     | {(state, T.LEASE_DEADLINE) for state in SessionState if state is not S.LEASED}
     | {(state, T.RECOVERY_DEADLINE) for state in SessionState if state is not S.EXPIRED}
 )
 
 
 def test_the_table_is_total() -> None:
-    """Every state answers every trigger: 5 states x 10 triggers, no gaps, nothing extra."""
-    assert len(SessionState) * len(Trigger) == 50
+    """Every state answers every trigger: 5 states x 11 triggers, no gaps, nothing extra."""
+    assert len(SessionState) * len(Trigger) == 55
     assert set(TRANSITIONS) == set(PAIRS)
     assert all(isinstance(t.target, SessionState) for t in TRANSITIONS.values())
     assert all(isinstance(t.action, Action) for t in TRANSITIONS.values())
@@ -91,9 +99,8 @@ def fire(held: Held, trigger: Trigger) -> list[Effect]:
     if trigger in (T.ATTACH, T.REATTACH):
         command = attach_cmd(MAIN, epoch=held.epoch, reconnect=trigger is T.REATTACH)
         return d.send(held.conn, command, request_id=FIRE)
-    if trigger in (T.CLAIM_HELD, T.CLAIM_FENCED):
-        claimed = EpochClaimed(trigger is T.CLAIM_HELD, {MAIN: -1}, {MAIN: -1})
-        return d.answer(d.ticket_of(ClaimEpoch), claimed)
+    if trigger in CLAIM_ANSWERS:
+        return d.answer(d.ticket_of(ClaimEpoch), claim_answer(trigger))
     if trigger is T.HEARTBEAT:
         return d.send(held.conn, heartbeat_cmd(held.session_id, MAIN), request_id=FIRE)
     if trigger is T.USE:
@@ -112,17 +119,18 @@ def fire(held: Held, trigger: Trigger) -> list[Effect]:
 def fire_nearest(held: Held, trigger: Trigger) -> list[Effect]:
     """For an unreachable pair, the real input that comes closest to raising its trigger."""
     d = held.driver
-    if trigger in (T.CLAIM_HELD, T.CLAIM_FENCED):
+    if trigger in CLAIM_ANSWERS:
         # A duplicate answer to the claim that made the session (bypassing the driver's
         # exactly-once bookkeeping on purpose: that is the point of a duplicate).
         last_claim = max(e.ticket for e in of_type(d.log, ClaimEpoch))
-        claimed = EpochClaimed(trigger is T.CLAIM_HELD, {MAIN: -1}, {MAIN: -1})
-        return d.hub.handle(StoreAnswered(last_claim, claimed, d.now))
+        return d.hub.handle(StoreAnswered(last_claim, claim_answer(trigger), d.now))
     # A timer for the run arriving now: late, early or duplicate, it finds nothing of its kind due.
     return d.hub.handle(TimerFired(MAIN, d.now))
 
 
-def check_action(held: Held, session: Session, action: Action, effects: list[Effect]) -> None:
+def check_action(
+    held: Held, session: Session, trigger: Trigger, action: Action, effects: list[Effect]
+) -> None:
     """The effects the pair's action stands for, as a runtime or the platform would see them."""
     d = held.driver
     fired = answers(effects, FIRE)
@@ -138,9 +146,14 @@ def check_action(held: Held, session: Session, action: Action, effects: list[Eff
         assert reply.lease_expires_at == d.now + d.policy.lease_ttl_ms
         assert only(answers(effects)).conn == held.conn
         assert d.timers[MAIN] <= session.lease_expires_at  # some timer will notice the lease end
-    elif action is Action.REFUSE_FENCED:
-        assert error_of(effects).code is ErrorCode.STALE_EPOCH
+    elif action is Action.GIVE_UP:
+        failed = ErrorCode.INTERNAL if trigger is T.CLAIM_FAILED else ErrorCode.STALE_EPOCH
+        assert error_of(effects).code is failed
         assert only(answers(effects)).conn == held.conn
+    elif action is Action.RELEASE:
+        assert error_of(effects).code is ErrorCode.INTERNAL  # retryable, and the retry...
+        assert session.session_id == held.session_id  # ...finds the session to resume
+        assert d.timers[MAIN] <= session.recovery_deadline
     elif action is Action.RENEW:
         heartbeat = reply_of(effects, HeartbeatResponse, FIRE)
         assert heartbeat.accepted
@@ -166,7 +179,7 @@ def check_action(held: Held, session: Session, action: Action, effects: list[Eff
         assert MAIN not in d.hub.sessions
     else:
         pytest.fail(f"reachable pair with action {action}")
-    if action not in (Action.GRANT, Action.REFUSE_FENCED, Action.END):
+    if action not in (Action.GRANT, Action.GIVE_UP, Action.RELEASE, Action.END):
         assert of_type(effects, CloseConnection) == []
     if action is not Action.LOSE:
         assert of_type(effects, AttemptLost) == []
@@ -185,7 +198,7 @@ def test_pair(state: SessionState, trigger: Trigger) -> None:
     assert session.state is transition.target
     expected = [] if transition.target is state else [(state, transition.target)]
     assert changes(effects, MAIN) == expected
-    check_action(held, session, transition.action, effects)
+    check_action(held, session, trigger, transition.action, effects)
     for conn in {held.conn, 1, 2}:
         assert len(answers(frames_to(effects, conn), FIRE)) <= 1
 
@@ -200,9 +213,11 @@ def check_unreachable(held: Held, state: SessionState, trigger: Trigger) -> None
     assert [effect for effect in effects if isinstance(effect, loud)] == []
     # Directly on the Session: a claim answer it would accept (its ticket made current by hand)...
     out: list[Effect] = []
-    if trigger in (T.CLAIM_HELD, T.CLAIM_FENCED):
+    if trigger in CLAIM_ANSWERS:
         session.claim_ticket = 999
-        granted = session.claim_answered(999, trigger is T.CLAIM_HELD, -1, -1, held.driver.now, out)
+        answer = claim_answer(trigger)
+        claim = answer if isinstance(answer, EpochClaimed) else None
+        granted = session.claim_answered(999, claim, held.driver.now, out)
         assert granted is False
     else:
         # ... or the deadline trigger itself, which only the table lookup can see.

@@ -414,3 +414,26 @@ async def test_big_input_batches_are_split_into_frames_that_fit(tmp_path: Path) 
                 assert frame["channel"] == INPUT
                 seqs += [e["seq"] for e in frame["payload"]["events"]]
             assert seqs == list(range(10))
+
+
+async def test_a_runtime_that_starts_over_learns_where_the_log_goes_on(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            reply = await wire.attach(run_id)
+            assert reply["nextOutputSeq"] == 0
+            ids = {"sessionId": reply["sessionId"], "runId": run_id}
+            await wire.call(OUTPUT, {**ids, "events": [event(0), event(1), event(2)]})
+        # A new runtime process (a new attempt) that does not know the log's position:
+        async with h.wire(token) as wire:
+            reply = await wire.attach(run_id, runtimeInstanceId="rt-2", connectionEpoch=1)
+            assert reply["nextOutputSeq"] == 3
+            ids = {"sessionId": reply["sessionId"], "runId": run_id}
+            restart = {**event(0, "new work"), "eventId": "evt-fresh-0"}
+            conflict = await wire.call(OUTPUT, {**ids, "events": [restart]})
+            assert error_code(conflict) == "seq_conflict"
+            assert "3" in conflict["payload"]["message"]
+            resumed = {**restart, "seq": reply["nextOutputSeq"]}
+            assert (await wire.call(OUTPUT, {**ids, "events": [resumed]}))["payload"]["accepted"]
+        assert [e["eventId"] for e in await outputs(h, run_id)] == [
+            "evt-0", "evt-1", "evt-2", "evt-fresh-0"]

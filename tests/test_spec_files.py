@@ -294,7 +294,7 @@ def test_errors_md_documents_every_error_code_with_its_retry_rule() -> None:
     documented = {row[0].strip("`"): row for row in rows}
     assert set(documented) == {c.value for c in m.ErrorCode}
     extensions = {m.ErrorCode.FORBIDDEN_RUN, m.ErrorCode.UNSUPPORTED_VERSION,
-                  m.ErrorCode.SEQ_GAP, m.ErrorCode.SESSION_LOST}
+                  m.ErrorCode.SEQ_GAP, m.ErrorCode.SEQ_CONFLICT}
     for code in m.ErrorCode:
         _, extension, retryable, when, action = documented[code.value]
         assert retryable == ("yes" if m.RETRYABLE[code] else "no"), code

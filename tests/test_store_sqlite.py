@@ -229,16 +229,29 @@ async def test_append_contiguous_and_read_back(store: SQLiteStore) -> None:
     assert (empty.outcome, empty.expected_seq) == (AppendOutcome.STORED, 5)
 
 
-async def test_duplicates_are_skipped(store: SQLiteStore) -> None:
+async def test_republished_seqs_are_stored_once(store: SQLiteStore) -> None:
     await attached(store, "r")
     await store.append_outputs("r", 1, events(0, 4))
-    again = await store.append_outputs("r", 1, events(0, 4, tag="dup"))
+    again = await store.append_outputs("r", 1, events(0, 4))
     assert (again.outcome, again.expected_seq) == (AppendOutcome.STORED, 4)
-    overlap = await store.append_outputs("r", 1, events(2, 4, tag="new"))
+    overlap = await store.append_outputs("r", 1, [*events(2, 2), *events(4, 2, tag="new")])
     assert (overlap.outcome, overlap.expected_seq) == (AppendOutcome.STORED, 6)
     stored = await store.read_outputs("r", -1, 100)
     assert [e.event_id for e in stored] == ["e0", "e1", "e2", "e3", "new4", "new5"]
     assert await store.count_outputs("r") == 6
+
+
+async def test_a_stored_seq_under_another_event_id_conflicts(store: SQLiteStore) -> None:
+    # A runtime that starts over at seq 0 must not be told "accepted" for events never stored.
+    await attached(store, "r")
+    await store.append_outputs("r", 1, events(0, 4))
+    restarted = await store.append_outputs("r", 1, events(0, 2, tag="fresh"))
+    assert (restarted.outcome, restarted.expected_seq) == (AppendOutcome.SEQ_CONFLICT, 4)
+    straddling = await store.append_outputs("r", 1, [*events(3, 1, tag="x"), *events(4, 1)])
+    assert straddling.outcome is AppendOutcome.SEQ_CONFLICT
+    assert await store.count_outputs("r") == 4, "nothing of a conflicting batch is stored"
+    claim = await store.claim_epoch([record("r", 2)])
+    assert claim.output_last_seq == {"r": 3}
 
 
 async def test_gaps_are_refused_with_nothing_stored(store: SQLiteStore) -> None:

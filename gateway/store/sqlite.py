@@ -135,6 +135,7 @@ SQL_UPSERT_SESSION = (
 )
 
 SQL_LAST_OUTPUT = "SELECT seq FROM outputs WHERE run_id = ? ORDER BY seq DESC LIMIT 1"
+SQL_OUTPUT_IDS = "SELECT seq, event_id FROM outputs WHERE run_id = ? AND seq BETWEEN ? AND ?"
 SQL_INSERT_OUTPUT = (
     "INSERT INTO outputs (run_id, seq, event_id, type, data, timestamp) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -283,10 +284,12 @@ def _op_claim(records: Sequence[SessionRecord], conn: sqlite3.Connection) -> Epo
         conn.executemany(SQL_UPSERT_SESSION, [_session_params(r) for r in records])
     acked: dict[str, int] = {}
     last: dict[str, int] = {}
+    outputs: dict[str, int] = {}
     for record in records:
         row = conn.execute(SQL_POSITIONS, (record.run_id,)).fetchone()
         acked[record.run_id], last[record.run_id] = row
-    return EpochClaimed(ok=ok, input_acked_seq=acked, input_last_seq=last)
+        outputs[record.run_id] = _scalar(conn, SQL_LAST_OUTPUT, (record.run_id,), -1)
+    return EpochClaimed(ok=ok, input_acked_seq=acked, input_last_seq=last, output_last_seq=outputs)
 
 
 def _op_save_session(record: SessionRecord, conn: sqlite3.Connection) -> None:
@@ -302,27 +305,38 @@ def _fenced(conn: sqlite3.Connection, run_id: str, epoch: int) -> bool:
 def _op_append(
     run_id: str, epoch: int, events: Sequence[OutputEvent], conn: sqlite3.Connection
 ) -> OutputsAppended:
-    """Append the new part of a batch, or nothing if it is fenced or leaves a gap."""
+    """Append the new part of a batch, or nothing if it is fenced, leaves a gap or conflicts."""
     last: int = _scalar(conn, SQL_LAST_OUTPUT, (run_id,), -1)
     if _fenced(conn, run_id, epoch):
         return OutputsAppended(AppendOutcome.FENCED, last + 1)
     gap = OutputsAppended(AppendOutcome.SEQ_GAP, last + 1)
     rows: list[tuple[str, int, str, str, str, int]] = []
+    republished: dict[int, str] = {}
     previous = -1
     for event in events:
         if event.seq <= previous:  # also refuses negative seqs
             return gap
         previous = event.seq
         if event.seq <= last:
+            republished[event.seq] = event.event_id
             continue  # stored already: a re-publish, skipped so it stays exactly-once
         if event.seq != last + 1 + len(rows):
             return gap
         rows.append(
             (run_id, event.seq, event.event_id, event.type, _dumps(event.data), event.timestamp)
         )
+    if republished and _conflicting(conn, run_id, republished):
+        # Another event under a stored seq is not a re-publish: acknowledging it would lose it.
+        return OutputsAppended(AppendOutcome.SEQ_CONFLICT, last + 1)
     if rows:
         conn.executemany(SQL_INSERT_OUTPUT, rows)
     return OutputsAppended(AppendOutcome.STORED, last + 1 + len(rows))
+
+
+def _conflicting(conn: sqlite3.Connection, run_id: str, republished: dict[int, str]) -> bool:
+    """Whether any re-published seq is stored under a different eventId."""
+    stored = conn.execute(SQL_OUTPUT_IDS, (run_id, min(republished), max(republished)))
+    return any(republished.get(seq, event_id) != event_id for seq, event_id in stored)
 
 
 def _op_kv_set(run_id: str, epoch: int, kv: Mapping[str, str], conn: sqlite3.Connection) -> Written:
