@@ -319,7 +319,7 @@ class _Batch:
 class GatewaySession:
     """A run's session as a runtime sees it: survives reconnects, hides epochs and retries."""
 
-    def __init__(self, options: _Options, start_seq: int) -> None:
+    def __init__(self, options: _Options, start_seq: int | None) -> None:
         self._o = options
         self._nursery: trio.Nursery | None = None
         self._link: _Link | None = None
@@ -331,7 +331,9 @@ class GatewaySession:
         self._config_version: str | None = None
         self._state: ConnectionState = "closed"  # until _start says "connecting"
         # outputs
-        self._next_seq = start_seq
+        self._next_seq = start_seq or 0
+        # None: continue the run's log where the gateway says it goes on (its nextOutputSeq).
+        self._seq_from_gateway = start_seq is None
         self._outbox: deque[_Batch] = deque()
         self._outbox_changed = trio.Event()
         # inputs
@@ -635,6 +637,10 @@ class GatewaySession:
                         self.run_id)
         self._session_id = reply.session_id
         self._config_version = reply.config_version
+        if self._seq_from_gateway and reply.next_output_seq is not None:
+            # Only on the first attach: later, our own unacknowledged batches hold the seqs.
+            self._next_seq = max(self._next_seq, reply.next_output_seq)
+        self._seq_from_gateway = False
         self._link = attempt.link
         self._set_state("attached")
         self._wake()
@@ -946,7 +952,7 @@ async def connect(
     give_up_after: float | None = None,
     on_state: Callable[[ConnectionState], None] | None = None,
     start_epoch: int = 0,
-    start_seq: int = 0,
+    start_seq: int | None = None,
     connect_timeout: float = 10.0,
     ack_delay: float = 0.05,
     close_timeout: float = 5.0,
@@ -954,9 +960,10 @@ async def connect(
     """Attach to a run for the duration of the block, reconnecting as the protocol asks.
 
     `start_epoch` must exceed every epoch used for this run before (a restarted process should
-    pass something higher than its predecessor's, e.g. a timestamp), and `start_seq` is the next
-    output seq of the run (0 for a new run). Raises `ConnectError`, `Rejected`, `GatewayError` or
-    `Superseded` if the first attach fails; reconnects after later drops are transparent.
+    pass something higher than its predecessor's, e.g. a timestamp). Outputs continue the run's
+    log where the gateway says it goes on (`nextOutputSeq`), unless `start_seq` says otherwise.
+    Raises `ConnectError`, `Rejected`, `GatewayError` or `Superseded` if the first attach fails;
+    reconnects after later drops are transparent.
     """
     low, high = reconnect_backoff
     if not 0 < low <= high:
