@@ -1,8 +1,11 @@
 """Mask secret values that a runtime echoes into its output events, as CI systems mask job logs.
 
 On by default (`--no-mask-secrets` turns it off). A runtime that prints a secret it read must not
-leak it to everyone who can read the run's outputs. Values shorter than `MIN_SECRET_LENGTH` are
-not masked: masking "1" or "yes" everywhere would destroy output and protect nothing.
+leak it to everyone who can read the run's outputs. Every string of the event is masked: keys and
+values of `data` become `***`; `eventId` and `type` must keep matching their schema patterns, so
+there the value becomes `masked` (the same every time, so an idempotent re-publish still matches
+what was stored). Values shorter than `MIN_SECRET_LENGTH` are not masked: masking "1" or "yes"
+everywhere would destroy output and protect nothing.
 """
 
 from __future__ import annotations
@@ -15,29 +18,38 @@ from attrs import evolve
 from statemachine.messages import OutputEvent
 
 MASK = "***"
+MASK_IN_IDS = "masked"  # matches the eventId and type patterns, unlike MASK
 MIN_SECRET_LENGTH = 4
 
 
 def mask_events(
     events: Sequence[OutputEvent], secret_values: Iterable[str]
 ) -> Sequence[OutputEvent]:
-    """The events with every occurrence of a secret value in their data replaced by `***`."""
+    """The events with every occurrence of a secret value replaced (see the module's doc)."""
     values = sorted(
         {v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True
     )
     if not values:
         return events
-    return [evolve(event, data=_mask(event.data, values)) for event in events]
+    return [
+        evolve(
+            event,
+            event_id=_mask(event.event_id, values, MASK_IN_IDS),
+            type=_mask(event.type, values, MASK_IN_IDS),
+            data=_mask(event.data, values, MASK),
+        )
+        for event in events
+    ]
 
 
-def _mask(value: Any, secrets: list[str]) -> Any:
+def _mask(value: Any, secrets: list[str], mask: str) -> Any:
     if isinstance(value, str):
         for secret in secrets:  # longest first, so a secret containing another is masked whole
             if secret in value:
-                value = value.replace(secret, MASK)
+                value = value.replace(secret, mask)
         return value
     if isinstance(value, dict):
-        return {_mask(k, secrets): _mask(v, secrets) for k, v in value.items()}
+        return {_mask(k, secrets, mask): _mask(v, secrets, mask) for k, v in value.items()}
     if isinstance(value, list):
-        return [_mask(item, secrets) for item in value]
+        return [_mask(item, secrets, mask) for item in value]
     return value
