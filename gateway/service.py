@@ -192,7 +192,6 @@ class Gateway:
             link = self.links.get(effect.conn)
             if link is not None:
                 link.close(effect.code, effect.reason)
-                self.metrics.closes.labels(str(int(effect.code))).inc()
         elif isinstance(effect, SessionChanged):
             self._session_changed(effect)
         elif isinstance(effect, AttemptLost):
@@ -318,6 +317,10 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await self.feed(ConnectionLost(conn_id, self.clock.now()))
                 await link.finish()
+            if link.close_code is not None:
+                # Counted here, once per connection, so closes decided outside the core (a slow
+                # consumer's 4003, a drain timeout's 1012) are counted like the core's own.
+                self.metrics.closes.labels(str(int(link.close_code))).inc()
             if not self.links:
                 self._no_links.set()
 
