@@ -113,9 +113,9 @@ def grant(
     )
 
 
-def output(seq: int) -> OutputEvent:
-    """An output event whose content is derived from its seq, so duplicates are identical."""
-    return OutputEvent(f"out-{seq}", seq, "progress", {"n": seq}, START)
+def output(seq: int, event_id: str | None = None) -> OutputEvent:
+    """An output event whose content is derived from its seq, so re-publishes are identical."""
+    return OutputEvent(event_id or f"out-{seq}", seq, "progress", {"n": seq}, START)
 
 
 def input_event(run_id: str, seq: int) -> InputEvent:
@@ -264,7 +264,8 @@ class MemoryStore:
 
     It mirrors the contract of gateway/store/base.py closely enough that answers are realistic:
     a claim fails only against a higher stored epoch, fenced writes need the stored epoch to be
-    the writer's, output batches must continue the log from seq 0, inputs are numbered from 0.
+    the writer's, output batches must continue the log from seq 0 (a stored seq may come again
+    only with its stored eventId), inputs are numbered from 0.
     """
 
     epochs: dict[str, int] = field(factory=dict)
@@ -338,6 +339,9 @@ class MemoryStore:
         fresh = [event for event in effect.events if event.seq >= len(log)]
         if any(event.seq != len(log) + i for i, event in enumerate(fresh)):
             return OutputsAppended(AppendOutcome.SEQ_GAP, len(log))
+        again = [event for event in effect.events if event.seq < len(log)]
+        if any(log[event.seq].event_id != event.event_id for event in again):
+            return OutputsAppended(AppendOutcome.SEQ_CONFLICT, len(log))
         log.extend(fresh)
         return OutputsAppended(AppendOutcome.STORED, len(log))
 

@@ -78,6 +78,7 @@ from statemachine.messages import (
     GetSecretsResponse,
     HeartbeatResponse,
     Millis,
+    PublishOutputEventsRequest,
     PublishOutputEventsResponse,
     RecoverConnectionsResponse,
     RuntimeAttachResponse,
@@ -331,6 +332,28 @@ def test_an_output_batch_that_skips_a_seq_is_refused_with_the_next_seq() -> None
     effects = d.answer(d.ticket_of(AppendOutputs), OutputsAppended(AppendOutcome.SEQ_GAP, 5))
     assert error_code(effects, "gap2") is ErrorCode.SEQ_GAP
     assert "5" in error_of(effects, "gap2").message
+
+
+def test_a_stored_seq_under_another_event_id_is_a_conflict_not_a_republish() -> None:
+    d, sid = leased()
+    d.send(1, publish_cmd(sid, MAIN, [0, 1]))
+    d.settle()
+    conflicting = PublishOutputEventsRequest(sid, MAIN, (output(1, "another-event"), output(2)))
+    d.send(1, conflicting, request_id="conflict")
+    refusal = error_of(d.settle(), "conflict")
+    assert (refusal.code, refusal.retryable) == (ErrorCode.SEQ_CONFLICT, False)
+    assert "2" in refusal.message  # the log's next seq
+    assert [event.event_id for event in d.store.outputs[MAIN]] == ["out-0", "out-1"]
+
+
+def test_the_attach_reply_says_where_the_output_log_goes_on() -> None:
+    d, sid = leased(epoch=1)
+    d.send(1, publish_cmd(sid, MAIN, [0, 1, 2]))
+    d.settle()
+    d.lose(1)
+    d.open(2)
+    d.send(2, attach_cmd(MAIN, epoch=2), request_id="fresh")  # a runtime process starting over
+    assert reply_of(d.settle(), RuntimeAttachResponse, "fresh").next_output_seq == 3
 
 
 def test_a_fenced_append_is_a_stale_epoch() -> None:

@@ -18,6 +18,7 @@ from core_support import (
     answers,
     attach_cmd,
     changes,
+    closes,
     config_cmd,
     error_of,
     frames_to,
@@ -174,8 +175,7 @@ def check_action(
         assert session.conn is None
         assert frames_to(effects, held.conn) == []
     elif action is Action.END:
-        closes = of_type(effects, CloseConnection)
-        assert closes == [CloseConnection(held.conn, CloseCode.REVOKED, closes[0].reason)]
+        assert closes(effects) == [(held.conn, CloseCode.REVOKED)]
         assert MAIN not in d.hub.sessions
     else:
         pytest.fail(f"reachable pair with action {action}")
