@@ -1,0 +1,1 @@
+"""agent-gateway: the Runtime Session Gateway (the trio shell around `statemachine`)."""
