@@ -71,6 +71,12 @@ class Link:
             self._outbox.send_nowait(frame)
         except trio.WouldBlock:
             self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
+        except trio.BrokenResourceError:
+            # The writer stopped on a failed send (the peer is gone) and the connection is
+            # being torn down: drop the frame. What it carried is durable (inputs are
+            # redelivered on the next attach), and the caller, often the platform's request,
+            # must not fail for it.
+            pass
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close after the frames already queued are sent (the writer does the closing)."""
