@@ -13,13 +13,12 @@ frame (a value may be a secret).
 from __future__ import annotations
 
 import json
-import math
 import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from itertools import accumulate
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 import attrs
@@ -30,6 +29,7 @@ from cattrs import Converter
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 from fastjsonschema import JsonSchemaValueException
 
+from gateway import strictjson
 from gateway.specfiles import spec_root
 from statemachine import messages as m
 from statemachine.messages import Channel, ErrorCode, ErrorPayload, Millis
@@ -354,49 +354,8 @@ _CLASS_OF: Final[dict[Channel, type[Any]]] = {
 # --- strict JSON -------------------------------------------------------------------------------
 
 
-class _Refused(ValueError):
-    """The JSON text is well-formed but outside the protocol's JSON (raised by parse hooks)."""
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build an object, refusing duplicate keys (parsers disagree on which one wins)."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _Refused("an object has a duplicate key")
-    return obj
-
-
-def _no_constant(_: str) -> NoReturn:
-    """Refuse NaN/Infinity: they are not JSON, and other parsers reject them."""
-    raise _Refused("NaN and Infinity are not JSON numbers")
-
-
-def _float(text: str) -> float:
-    """Parse a float, refusing one that overflows to infinity (e.g. 1e400)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused("a number overflows a double")
-    return value
-
-
-_INT64_MIN: Final = -(1 << 63)
-_INT64_MAX: Final = (1 << 63) - 1
-
-
-def _int(text: str) -> int:
-    """Parse an integer, refusing one outside 64 bits (other parsers and orjson cannot hold it)."""
-    if len(text) > 20:
-        raise _Refused("an integer is outside the signed 64-bit range")
-    value = int(text)
-    if len(text) > 18 and not _INT64_MIN <= value <= _INT64_MAX:
-        raise _Refused("an integer is outside the signed 64-bit range")
-    return value
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_object, parse_float=_float, parse_int=_int, parse_constant=_no_constant
-)
-_SCAN: Final[Callable[[str, int], tuple[Any, int]]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_DECODER: Final = strictjson.decoder()
+_SCAN: Final = strictjson.scanner(_DECODER)
 _STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 _DEPTH_STEP: Final = {"[": 1, "{": 1, "]": -1, "}": -1}
@@ -570,7 +529,7 @@ def _parse(text: str | bytes, max_bytes: int) -> dict[str, Any]:
             doc, end = _SCAN(text, 0)  # the C scanner directly: a third cheaper than `decode`
         except StopIteration:
             doc, end = _DECODER.decode(text), len(text)  # slow path: says what is wrong
-    except _Refused as exc:
+    except strictjson.Refused as exc:
         raise _invalid(str(exc)) from None
     except RecursionError:
         raise _invalid(f"the frame nests deeper than {MAX_DEPTH} levels") from None

@@ -13,15 +13,13 @@ every value the platform stores here still fits in a runtime frame when the gate
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import math
 import re
 import secrets
 import traceback
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -38,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import strictjson
 from gateway.codec import CONVERTER, MAX_DEPTH, format_millis
 from gateway.config import Settings
 from gateway.service import Gateway, SessionView
@@ -131,45 +130,7 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 # --- strict JSON bodies --------------------------------------------------------------------------
 
 
-_INT64_MIN: Final = -(1 << 63)
-_INT64_END: Final = 1 << 63
-
-
-class _Refused(ValueError):
-    """Well-formed JSON text that this API does not accept (raised from the parser's hooks)."""
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _Refused("an object has a duplicate key")
-    return obj
-
-
-def _no_constant(_: str) -> NoReturn:
-    raise _Refused("NaN and Infinity are not JSON numbers")
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused("a number overflows a double")
-    # JSON Schema judges numbers by value: 1e19 is an integer there, and must fit like one.
-    if value.is_integer() and not _INT64_MIN <= value < _INT64_END:
-        raise _Refused("an integral number is outside the signed 64-bit range")
-    return value
-
-
-def _int(text: str) -> int:
-    value = int(text) if len(text) <= 20 else _INT64_END
-    if not _INT64_MIN <= value < _INT64_END:
-        raise _Refused("an integral number is outside the signed 64-bit range")
-    return value
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_object, parse_float=_float, parse_int=_int, parse_constant=_no_constant
-)
+_DECODER: Final = strictjson.decoder(integers_by_value=True)
 
 
 def _depth(doc: Any) -> int:
@@ -195,7 +156,7 @@ def parse_body(raw: bytes) -> Any:
         doc = _DECODER.decode(text)
     except UnicodeDecodeError:
         raise Problem(400, "malformed-json", "the body is not valid UTF-8") from None
-    except _Refused as refused:
+    except strictjson.Refused as refused:
         raise Problem(400, "malformed-json", f"the body is refused: {refused}") from None
     except RecursionError:
         raise Problem(400, "malformed-json", f"the body nests deeper than {BODY_DEPTH} levels") \
