@@ -22,6 +22,8 @@ class Link:
     __slots__ = (
         "_inbox",
         "_outbox",
+        "_send_ended",
+        "_sending",
         "close_code",
         "close_reason",
         "conn_id",
@@ -43,6 +45,8 @@ class Link:
         self.scope = scope
         self.send_timeout_s = send_timeout_s
         self._outbox, self._inbox = trio.open_memory_channel[str](capacity)
+        self._sending = False  # the connection's own task is in the middle of a send
+        self._send_ended: trio.Event | None = None  # set when that send ends, if anyone waits
         self.close_code: CloseCode | None = None
         self.close_reason = ""
 
@@ -56,10 +60,15 @@ class Link:
         if self.closing:
             return
         with trio.move_on_after(self.send_timeout_s) as waited:
+            self._sending = True
             try:
                 await self.ws.send_message(frame)
             except ConnectionClosed:
                 return
+            finally:
+                self._sending = False
+                if self._send_ended is not None:
+                    self._send_ended.set()
         if waited.cancelled_caught:
             self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
 
@@ -100,6 +109,12 @@ class Link:
                     await self.ws.send_message(frame)
                 except ConnectionClosed:
                     break
+        # The connection's own task may be halfway through sending a frame (a reply): ending the
+        # connection now would tear that frame, and the close frame behind it would never say
+        # why (4001, 4002, 1012). Wait for it; `send` bounds that wait by `send_timeout_s`.
+        while self._sending:
+            self._send_ended = trio.Event()
+            await self._send_ended.wait()
         self.scope.cancel()
 
     async def finish(self) -> None:
