@@ -14,6 +14,7 @@ import time
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -35,8 +36,10 @@ from fault_support import (
     session_view,
 )
 from reliability_ledger import record
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from gateway.chaos import ChaosProxy
+from gateway.links import Link
 
 SHORT_LEASE = {"heartbeat_interval_ms": 1000, "lease_misses": 2}
 RUNTIMES = 3
@@ -126,6 +129,29 @@ async def test_links_cut_mid_frame_lose_nothing(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_links_cut_mid_frame_for_long_lose_nothing(tmp_path: Path) -> None:
     await cut_mid_frame(tmp_path, seconds=40)
+
+
+class _PeerGone:
+    """A WebSocket whose peer vanished: every send fails the way trio-websocket reports it."""
+
+    async def send_message(self, message: str) -> None:
+        raise ConnectionClosed(CloseReason(1006, None))
+
+
+async def test_frames_for_a_link_cut_under_its_writer_are_dropped_quietly() -> None:
+    """A cut link's writer stops at its failed send; the connection is torn down a moment later.
+
+    Frames other tasks produce in that moment (an input delivery for a run the platform just
+    posted to) must be dropped quietly: the inputs are stored and are redelivered on the next
+    attach. Raising instead fails the platform's POST with a 500 for inputs that were queued,
+    inviting a retry that queues them twice (seen under the long mid-frame cut test).
+    """
+    with trio.CancelScope() as scope:
+        link = Link(1, cast(WebSocketConnection, _PeerGone()), 4, scope)
+        link.enqueue("a frame the writer will fail to send")
+        await link.write_queued()
+        link.enqueue("an input delivery posted a moment later")
+    assert scope.cancel_called  # the writer ended the connection, as it must
 
 
 # --- stalls ------------------------------------------------------------------------------------

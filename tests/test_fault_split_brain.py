@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_support import Harness, gateway_for_test
+from e2e_support import Harness, Wire, gateway_for_test
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reliability_ledger import record
@@ -38,6 +38,7 @@ from statemachine.messages import OutputEvent
 from statemachine.records import SessionRecord
 
 ATTACH = "runtime.session.attach.command"
+KV_GET = "runtime.session.kv.get.command"
 OUTPUT = "runtime.task.output.event"
 KV_SET = "runtime.session.kv.set.command"
 NO_SESSION = "ses_" + "0" * 32  # a writer that never learnt a sessionId still sends a valid frame
@@ -424,3 +425,51 @@ async def test_only_the_highest_epoch_acts_in_many_interleavings(
     tmp_path_factory: pytest.TempPathFactory, program: Program
 ) -> None:
     await _property(tmp_path_factory.mktemp("split"), program)
+
+
+# --- superseded in the middle of a reply -------------------------------------------------------
+
+
+async def test_a_runtime_superseded_mid_reply_is_still_told_4001(tmp_path: Path) -> None:
+    """The close that says "superseded" must survive a reply the gateway is still sending.
+
+    The lower-epoch runtime pipelines large reads and stops reading, so the gateway is stuck in
+    the middle of sending it a reply when the higher epoch attaches. Once the old runtime reads
+    again it must get the frames sent so far, whole, and then close code 4001; a torn reply
+    would end the link abnormally (1006), and a client that sees a plain drop reconnects with a
+    higher epoch and takes the run back from its successor.
+    """
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(capabilities=["kv.read", "kv.write"])
+        context = h.ca.client_context()
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        url = h.running.runtime_url
+        big = {f"k{i}": "x" * 60_000 for i in range(8)}  # each read answers ~480 KB
+        code: int | None = None
+        async with open_websocket_url(url, ssl_context=context, extra_headers=headers) as low:
+            wire = Wire(low)
+            reply = await wire.attach(run_id, connectionEpoch=1,
+                                      capabilities=["kv.read", "kv.write"])
+            ids = {"sessionId": reply["sessionId"], "runId": run_id}
+            assert (await wire.call(KV_SET, {**ids, "kv": big}))["payload"] == {"accepted": True}
+            for n in range(40):  # ~19 MB of replies: far more than the socket buffers hold
+                await low.send_message(json.dumps(
+                    {"channel": KV_GET, "id": f"g{n}", "payload": {**ids, "keys": list(big)}}
+                ))
+            await trio.sleep(0.5)  # the gateway is now blocked mid-reply
+            async with open_websocket_url(
+                url, ssl_context=context, extra_headers=headers
+            ) as high:
+                await Wire(high).attach(run_id, connectionEpoch=2, capabilities=["kv.read"])
+                replies = 0
+                try:
+                    with trio.fail_after(20):
+                        while True:
+                            frame = json.loads(await low.get_message())
+                            assert frame["channel"] == "runtime.session.kv.get.reply", frame
+                            replies += 1
+                except ConnectionClosed as closed:
+                    code = closed.reason.code if closed.reason is not None else None
+        record("split brain", tried=1, lost=int(code != 4001),
+               detail="" if code == 4001 else f"superseded mid-reply: closed {code}, not 4001")
+        assert code == 4001, f"closed with {code} after {replies} whole replies"
