@@ -408,6 +408,8 @@ class Hub:
         command: HeartbeatCommand = event.command  # type: ignore[assignment]
         session = self._held(conn, command.run_id)
         session.heartbeat(event.conn, event.request_id, command, event.now, out)
+        # A failed input read is retried at the heartbeat's pace, not left until the next post.
+        self._pump(session, out)
 
     def _use(
         self,

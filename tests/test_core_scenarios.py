@@ -925,6 +925,16 @@ def test_a_resuming_claim_that_failed_in_the_store_can_be_retried(op: str) -> No
     assert d.session(MAIN).state is L
 
 
+def test_a_failed_input_read_is_retried_on_the_next_heartbeat() -> None:
+    d, sid = leased()
+    d.post_inputs(MAIN, 2)
+    d.fail(d.ticket_of(ReadInputs))
+    effects = d.send(1, heartbeat_cmd(sid, MAIN))
+    assert only(of_type(effects, ReadInputs)).after_seq == -1
+    delivery = only(of_type(d.settle(), DeliverInputs))
+    assert [e.seq for e in delivery.delivery.events] == [0, 1]
+
+
 def test_a_failed_input_read_is_retried_on_the_next_post() -> None:
     d, _ = leased()
     d.post_inputs(MAIN, 2)
