@@ -552,28 +552,38 @@ class GatewaySession:
     async def _run_link(self, reconnect: bool, epoch: int, attempt: _Attempt) -> None:
         """Own one WebSocket for its whole life: attach, serve, close; never raises."""
         link: _Link | None = None
+        # trio-websocket's own connect_timeout raises on time but then waits for its reader
+        # task, which a network stalled mid-handshake (half-open) holds forever: this scope
+        # bounds the whole opening, and is lifted once the WebSocket is open.
+        opening = trio.CancelScope(deadline=trio.current_time() + self._o.connect_timeout)
         try:
-            async with open_websocket_url(
-                self._o.url,
-                self._o.ssl_context,
-                extra_headers=[(b"authorization", f"Bearer {self._o.token}".encode())],
-                max_message_size=MAX_MESSAGE_BYTES,
-                connect_timeout=self._o.connect_timeout,
-                disconnect_timeout=_CLOSE_TIMEOUT,
-            ) as ws:
-                link = _Link(ws)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, link)
-                    nursery.start_soon(self._write, link)
-                    await self._attach(link, reconnect, epoch, attempt)
-                    attempt.done.set()
-                    if attempt.link is not None:
-                        assert attempt.reply is not None
-                        nursery.start_soon(self._heartbeat, link, attempt.reply)
-                        await link.dead.wait()
-                    else:
-                        link.kill("attach failed")
-                    nursery.cancel_scope.cancel()
+            with opening:
+                async with open_websocket_url(
+                    self._o.url,
+                    self._o.ssl_context,
+                    extra_headers=[(b"authorization", f"Bearer {self._o.token}".encode())],
+                    max_message_size=MAX_MESSAGE_BYTES,
+                    connect_timeout=self._o.connect_timeout,
+                    disconnect_timeout=_CLOSE_TIMEOUT,
+                ) as ws:
+                    opening.deadline = math.inf
+                    link = _Link(ws)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read, link)
+                        nursery.start_soon(self._write, link)
+                        await self._attach(link, reconnect, epoch, attempt)
+                        attempt.done.set()
+                        if attempt.link is not None:
+                            assert attempt.reply is not None
+                            nursery.start_soon(self._heartbeat, link, attempt.reply)
+                            await link.dead.wait()
+                        else:
+                            link.kill("attach failed")
+                        nursery.cancel_scope.cancel()
+            if opening.cancelled_caught:
+                attempt.error = ConnectionError(
+                    f"no WebSocket handshake within {self._o.connect_timeout:g} s"
+                )
         except ConnectionRejected as rejected:
             status = rejected.status_code or 0
             attempt.error = Rejected(status, _rejection_text(rejected))
