@@ -39,6 +39,7 @@ from reliability_ledger import record
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from gateway.chaos import ChaosProxy
+from gateway.client import ConnectError, connect
 from gateway.links import Link
 
 SHORT_LEASE = {"heartbeat_interval_ms": 1000, "lease_misses": 2}
@@ -265,6 +266,37 @@ async def _one_stall(
         problems.append(f"recovered at epoch {view['connectionEpoch']}, not above "
                         f"{before['connectionEpoch']}")
     return problems
+
+
+async def test_a_handshake_stalled_half_way_fails_within_connect_timeout(tmp_path: Path) -> None:
+    """`connect_timeout` bounds a WebSocket handshake that the network stalls half-way.
+
+    A runtime that reconnects while its network is half-open gets its TCP connection accepted
+    and then nothing. The attempt must fail in time so that the next one can be made once the
+    network is back; an attempt that waits forever leaves the runtime "reconnecting" forever
+    (seen under the long stall test).
+    """
+    async with gateway_for_test(tmp_path, **SHORT_LEASE) as h, proxy_to(
+        "127.0.0.1", port_of(h.running.runtime_url)
+    ) as proxy:
+        run_id, token = await h.create_run()
+        proxy.stall()
+        started = trio.current_time()
+        failed = False
+        with trio.move_on_after(10):
+            try:
+                async with connect(proxy_url(proxy), token=token, run_id=run_id,
+                                   ssl_context=h.ca.client_context(), connect_timeout=0.5):
+                    raise AssertionError("attached through a stalled network")
+            except ConnectError:
+                failed = True
+        waited = trio.current_time() - started
+        proxy.resume()
+    record("network stall", tried=1, lost=int(not failed or waited > 3),
+           detail=f"a handshake stalled half-way failed after {waited:.2f} s "
+           f"(connect_timeout 0.5 s)")
+    assert failed, f"the stalled attempt was still waiting after {waited:.1f} s"
+    assert waited < 3, waited
 
 
 async def test_stalled_links_expire_at_the_deadline_and_recover(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ async def gateway_with_probes(
 ) -> AsyncIterator[tuple[GatewayProcess, CertificateAuthority, list[HeartbeatProbe]]]:
     """A gateway process and attached probes heartbeating until the block ends."""
     ca = CertificateAuthority(tmp_path)
+    # A long lease (60 intervals): the misbehaving runtimes send no heartbeats, and an expired
+    # lease would stop the very deliveries a slow-consumer test needs.
     process = GatewayProcess(
         tmp_path / "data", ca, "--heartbeat-interval-ms", str(int(HEARTBEAT_S * 1000)),
         "--lease-misses", "60", *extra,
