@@ -75,7 +75,8 @@ for name in sys.argv[1:]:
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the test suite against the installed (not editable) package, as users get it."""
-    session.install(".[dev]")
+    # The bench extra too: tests/test_bench_smoke.py renders the report, chart included.
+    session.install(".[dev,bench]")
     session.run("pytest", *session.posargs)
 
 
@@ -84,7 +85,7 @@ def lowest(session: nox.Session) -> None:
     """Run the test suite on the lowest versions pyproject allows, so the lower bounds stay true."""
     constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
     constraints.write_text("\n".join(_lowest_constraints()) + "\n", encoding="utf-8")
-    session.install("-c", str(constraints), ".[dev]")
+    session.install("-c", str(constraints), ".[dev,bench]")
     names = [line.split("==")[0] for line in _lowest_constraints()]
     session.run("python", "-c", _PRINT_VERSIONS, *names)
     session.run("pytest", *session.posargs)

@@ -17,7 +17,7 @@ import trio
 from bench.limits import raise_nofile
 from bench.machine import describe
 from bench.report import render, validate_results, write_results
-from bench.suite import FULL, QUICK, run_plan
+from bench.suite import FULL, QUICK, interpret, run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("micro", "throughput", "hold")
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     print(f"bench: mode {plan.mode}, phases {' '.join(args.only)}, nofile {nofile}", flush=True)
     results = trio.run(run_plan, plan, nofile, args.only)
+    interpret(results, os.cpu_count() or 1, load_before[0])
     elapsed = datetime.datetime.now(datetime.UTC) - started
     doc = {
         "metrics": results.metrics,

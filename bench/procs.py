@@ -72,7 +72,7 @@ class Child:
         with trio.move_on_after(timeout):
             while (value := await self.out.read_json()) is not None:
                 if value.get("event") == "error":
-                    raise ChildFailed(f"{self.name}: {value.get('message')}")
+                    raise ChildFailed(f"{self.name}: {value.get('message')}\n{value.get('trace')}")
                 if value.get("event") == name:
                     return value
             raise ChildFailed(f"{self.name} exited (code {self.process.poll()}) before {name!r}")

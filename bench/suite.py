@@ -148,7 +148,8 @@ class Bench:
         path = self.work / f"spec-{self._specs}-{spec['scenario']}.json"
         path.write_bytes(orjson.dumps({"ca": str(self.tls.ca), **spec}))
         name = f"loadgen-{spec['scenario']}-{self._specs}"
-        async with child(name, module_command("bench.loadgen", str(path))) as generator:
+        log = self.work / f"{name}.log"
+        async with child(name, module_command("bench.loadgen", str(path)), stderr=log) as generator:
             yield generator
 
     # --- phase 1: in process --------------------------------------------------------------------
@@ -360,7 +361,8 @@ class Bench:
             await trio.sleep(1.0)
             before = echo.rss_bytes()
             spec = {"scenario": "idle", "url": url, "connections": count,
-                    "connect_concurrency": 32, "timeout_s": 60 + count / 20}
+                    "connect_concurrency": 32, "connect_timeout_s": 30,
+                    "timeout_s": 60 + count / 20}
             async with self.loadgen(spec) as generator:
                 opened = (await generator.event("attached", 120 + count / 20))["attached"]
                 await trio.sleep(3.0)
@@ -400,11 +402,12 @@ class Bench:
                         "scenario": "hold", "url": runtime_url, "offset": i * share,
                         "total": count, "runs": _pairs(runs[i * share:(i + 1) * share]),
                         "interval_ms": plan.heartbeat_interval_ms, "origin_wall": origin,
-                        "connect_concurrency": 32, "timeout_s": 60 + count / 50,
+                        "connect_concurrency": 32, "connect_timeout_s": 30,
+                        "timeout_s": 60 + count / 20,
                     }))
                     for i in range(generators)
                 ]
-                ramp = [await g.event("attached", 120 + count / 50) for g in children]
+                ramp = [await g.event("attached", 120 + count / 20) for g in children]
                 attached = sum(r["attached"] for r in ramp)
                 ramp_s = max(r["elapsed_s"] for r in ramp)
                 ramp_cpu = gateway.cpu_seconds() - cpu
@@ -474,6 +477,35 @@ def count_outputs(database: Path, run_ids: Sequence[str]) -> int:
         return int(row[0])
     finally:
         connection.close()
+
+
+def interpret(results: Results, cores: int, load: float) -> None:
+    """Notes that put each gateway figure next to its bare-transport twin from the same run."""
+    value = {name: entry["value"] for name, entry in results.metrics.items()}
+    notes = results.notes
+    if load > cores:
+        notes.append(
+            f"the box was shared: load average {load:.1f} on {cores} cores when the run began, so"
+            " absolute rates are lower than on an idle machine; the ratios and the per-operation"
+            " CPU figures compare the gateway with the echo server under the same conditions")
+    if {"gateway_cpu_us_per_heartbeat", "echo_cpu_us_per_round_trip"} <= set(value):
+        gateway, echo = value["gateway_cpu_us_per_heartbeat"], value["echo_cpu_us_per_round_trip"]
+        notes.append(
+            f"CPU per round trip: gateway {gateway:.0f} us per heartbeat, echo server {echo:.0f} us"
+            f" per echo; the gateway's own work is {gateway - echo:.0f} us per heartbeat (the"
+            f" ratio of the two is {echo / gateway:.2f})")
+    if {"session_kib", "echo_conn_kib"} <= set(value):
+        notes.append(
+            f"memory: a bare trio-websocket TLS connection costs {value['echo_conn_kib']:.1f} KiB"
+            f" in the echo server; the gateway's session costs {value['session_kib']:.1f} KiB, so"
+            f" its own share is {value['session_kib'] - value['echo_conn_kib']:.1f} KiB")
+    if {"attach_p99_ms", "echo_connect_p99_ms"} <= set(value):
+        notes.append(
+            f"attach burst: the bare transport's p99 for the same 1 000 connections (TCP, TLS,"
+            f" upgrade, one round trip) is {value['echo_connect_p99_ms']:.0f} ms against the"
+            f" gateway's {value['attach_p99_ms']:.0f} ms; server CPU per connection is"
+            f" {value.get('echo_cpu_ms_per_connect', math.nan):.2f} ms (echo) and"
+            f" {value.get('gateway_cpu_ms_per_attach', math.nan):.2f} ms (gateway)")
 
 
 async def run_plan(plan: Plan, nofile: int, phases: Sequence[str]) -> Results:

@@ -165,8 +165,8 @@ SQL_ACK = (
     " ON CONFLICT (run_id) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)"
 )
 SQL_POSITIONS = (
-    "SELECT coalesce((SELECT acked_seq FROM input_acks WHERE run_id = ?1), -1),"
-    " coalesce((SELECT seq FROM inputs WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1), -1)"
+    "SELECT coalesce((SELECT acked_seq FROM input_acks WHERE run_id = :run), -1),"
+    " coalesce((SELECT seq FROM inputs WHERE run_id = :run ORDER BY seq DESC LIMIT 1), -1)"
 )
 
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
@@ -286,7 +286,7 @@ def _op_claim(records: Sequence[SessionRecord], conn: sqlite3.Connection) -> Epo
     last: dict[str, int] = {}
     outputs: dict[str, int] = {}
     for record in records:
-        row = conn.execute(SQL_POSITIONS, (record.run_id,)).fetchone()
+        row = conn.execute(SQL_POSITIONS, {"run": record.run_id}).fetchone()
         acked[record.run_id], last[record.run_id] = row
         outputs[record.run_id] = _scalar(conn, SQL_LAST_OUTPUT, (record.run_id,), -1)
     return EpochClaimed(ok=ok, input_acked_seq=acked, input_last_seq=last, output_last_seq=outputs)
@@ -699,7 +699,7 @@ class SQLiteStore:
         """See `Store.input_positions`."""
 
         def read(conn: sqlite3.Connection) -> tuple[int, int]:
-            acked, last = conn.execute(SQL_POSITIONS, (run_id,)).fetchone()
+            acked, last = conn.execute(SQL_POSITIONS, {"run": run_id}).fetchone()
             return int(acked), int(last)
 
         return await self._read(read)
