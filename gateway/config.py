@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attrs import field, frozen
-from attrs.validators import ge, in_
+from attrs.validators import ge, gt, in_
 
 from statemachine.policy import Policy
 
@@ -34,6 +34,7 @@ class Settings:
     command_burst: float = field(default=400.0, validator=ge(1.0))
     max_frame_bytes: int = field(default=1_048_576, validator=ge(1024))
     outbound_queue: int = field(default=256, validator=ge(1))
+    send_timeout_s: float = field(default=10.0, validator=gt(0.0))
     max_sessions: int = field(default=50_000, validator=ge(1))
     handshake_timeout_s: float = field(default=10.0, validator=ge(0.1))
     drain_timeout_s: float = field(default=10.0, validator=ge(0.0))

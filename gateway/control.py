@@ -153,7 +153,9 @@ def parse_body(raw: bytes) -> Any:
     """Parse a request body as strictly as the runtime protocol parses frames (or raise 400)."""
     try:
         text = raw.decode("utf-8")
-        doc = _DECODER.decode(text)
+        doc = strictjson.fast_object(text, BODY_DEPTH)
+        if doc is None:
+            doc = _DECODER.decode(text)
     except UnicodeDecodeError:
         raise Problem(400, "malformed-json", "the body is not valid UTF-8") from None
     except strictjson.Refused as refused:

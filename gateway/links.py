@@ -6,9 +6,15 @@ hand-off would cost more than the rest of the frame's work). Frames that other t
 bounded queue that the connection's writer task drains. A runtime that stops reading fills that
 queue, or stalls a direct send past `send_timeout_s`, and is closed with 4003 instead of making
 the gateway hold its frames in memory.
+
+A direct send is not wrapped in its own cancel scope: entering and leaving one costs about as much
+as the rest of a heartbeat's own work. Each link notes when its send began, and one watchdog task
+(`watch_sends`) sweeps the links a few times per timeout and aborts those stuck too long.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -23,12 +29,12 @@ class Link:
         "_inbox",
         "_outbox",
         "_send_ended",
-        "_sending",
         "close_code",
         "close_reason",
         "conn_id",
         "scope",
         "send_timeout_s",
+        "sending_since",
         "ws",
     )
 
@@ -45,7 +51,8 @@ class Link:
         self.scope = scope
         self.send_timeout_s = send_timeout_s
         self._outbox, self._inbox = trio.open_memory_channel[str](capacity)
-        self._sending = False  # the connection's own task is in the middle of a send
+        # When the connection's own task began the send it is in the middle of (trio clock).
+        self.sending_since: float | None = None
         self._send_ended: trio.Event | None = None  # set when that send ends, if anyone waits
         self.close_code: CloseCode | None = None
         self.close_reason = ""
@@ -56,21 +63,22 @@ class Link:
         return self.close_code is not None
 
     async def send(self, frame: str) -> None:
-        """Send from the connection's own task; a peer that will not take it is closed."""
+        """Send from the connection's own task; `watch_sends` closes a peer that never takes it."""
         if self.closing:
             return
-        with trio.move_on_after(self.send_timeout_s) as waited:
-            self._sending = True
-            try:
-                await self.ws.send_message(frame)
-            except ConnectionClosed:
-                return
-            finally:
-                self._sending = False
-                if self._send_ended is not None:
-                    self._send_ended.set()
-        if waited.cancelled_caught:
-            self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
+        self.sending_since = trio.current_time()
+        try:
+            await self.ws.send_message(frame)
+        except ConnectionClosed:
+            return
+        finally:
+            self.sending_since = None
+            if self._send_ended is not None:
+                self._send_ended.set()
+
+    def stalled(self, now: float) -> bool:
+        """Whether a direct send has waited for the peer longer than `send_timeout_s`."""
+        return self.sending_since is not None and now - self.sending_since >= self.send_timeout_s
 
     def enqueue(self, frame: str) -> None:
         """Send from another task without waiting; a full queue means the runtime is not reading."""
@@ -111,8 +119,8 @@ class Link:
                     break
         # The connection's own task may be halfway through sending a frame (a reply): ending the
         # connection now would tear that frame, and the close frame behind it would never say
-        # why (4001, 4002, 1012). Wait for it; `send` bounds that wait by `send_timeout_s`.
-        while self._sending:
+        # why (4001, 4002, 1012). Wait for it; `watch_sends` bounds that wait by `send_timeout_s`.
+        while self.sending_since is not None:
             self._send_ended = trio.Event()
             await self._send_ended.wait()
         self.scope.cancel()
@@ -122,3 +130,15 @@ class Link:
         code = self.close_code if self.close_code is not None else CloseCode.NORMAL
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.ws.aclose(int(code), self.close_reason or None)
+
+
+async def watch_sends(links: Mapping[int, Link], send_timeout_s: float) -> None:
+    """Close, with 4003, every link whose direct send stalled; runs until cancelled.
+
+    A stalled peer is caught between one and 1.25 timeouts after its send began.
+    """
+    while True:
+        await trio.sleep(send_timeout_s / 4)
+        now = trio.current_time()
+        for link in [link for link in links.values() if link.stalled(now)]:
+            link.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")

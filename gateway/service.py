@@ -22,7 +22,7 @@ from trio_websocket import ConnectionClosed
 from gateway.clock import Clock
 from gateway.codec import DecodeError, decode, encode
 from gateway.config import Settings
-from gateway.links import Link
+from gateway.links import Link, watch_sends
 from gateway.masking import mask_events
 from gateway.metrics import Metrics
 from gateway.store.base import NewInput, Store, StoreError
@@ -135,8 +135,10 @@ class Gateway:
             await self.feed(SessionRestored(record, self.clock.now()))
 
     async def run_timers(self) -> None:
-        """Report every session deadline to the core as it comes (runs until cancelled)."""
-        await self.timers.run(self._timer_fired)
+        """Keep every deadline: session leases for the core, stalled sends (until cancelled)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_sends, self.links, self.settings.send_timeout_s)
+            await self.timers.run(self._timer_fired)
 
     async def _timer_fired(self, run_id: str) -> None:
         await self.feed(TimerFired(run_id, self.clock.now()))
@@ -168,7 +170,7 @@ class Gateway:
                 await self._send(
                     reply.conn, encode(channel, reply.request_id, reply.payload), origin
                 )
-                self.metrics.frame_out[channel].inc()
+                self.metrics.frames.sent[channel] += 1
             elif kind in _STORE_EFFECTS:
                 ticket = cast(StoreEffect, effect).ticket
                 answer = await self._store(effect)
@@ -185,7 +187,7 @@ class Gateway:
         elif isinstance(effect, DeliverInputs):
             for frame in self._delivery_frames(effect.delivery_id, effect.delivery):
                 await self._send(effect.conn, frame, origin)
-                self.metrics.frame_out[Channel.INPUT].inc()
+                self.metrics.frames.sent[Channel.INPUT] += 1
         elif isinstance(effect, ArmTimer):
             self.timers.arm(effect.run_id, effect.deadline)
         elif isinstance(effect, CloseConnection):
@@ -305,7 +307,13 @@ class Gateway:
             self._no_links = trio.Event()  # drain waits on this until the last link is gone
         try:
             async with trio.open_nursery() as nursery:
-                link = Link(conn_id, ws, self.settings.outbound_queue, nursery.cancel_scope)
+                link = Link(
+                    conn_id,
+                    ws,
+                    self.settings.outbound_queue,
+                    nursery.cancel_scope,
+                    self.settings.send_timeout_s,
+                )
                 self.links[conn_id] = link
                 nursery.start_soon(link.write_queued)
                 await self.feed(ConnectionOpened(conn_id, principal, self.clock.now()), conn_id)
@@ -345,7 +353,7 @@ class Gateway:
         if isinstance(decoded, DecodeError):
             await self._refuse(link, decoded.request_id, decoded.error)
             return
-        self.metrics.frame_in[decoded.channel].inc()
+        self.metrics.frames.received[decoded.channel] += 1
         command = decoded.command
         fresh = ""
         if isinstance(command, RuntimeAttachRequest):

@@ -1,0 +1,152 @@
+"""The hot paths that skip work must decide exactly as the slow paths they skip.
+
+- `strictjson.fast_object` (orjson plus a census) must return what the strict parser returns, or
+  defer to it; it must never accept what the strict parser refuses.
+- `masking.mask_events` skips the per-event walk when one search of the batch's JSON finds no
+  secret; it must never skip a batch that holds one, however the secret is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway import strictjson
+from gateway.masking import MASK, MASK_IN_IDS, MIN_SECRET_LENGTH, mask_events
+from statemachine.messages import Millis, OutputEvent
+
+DEPTH = 32
+STRICT = strictjson.decoder()
+STRICT_BY_VALUE = strictjson.decoder(integers_by_value=True)
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+def _strict(decoder: json.JSONDecoder, text: str) -> tuple[str, Any]:
+    """('ok', document) or ('refused', None), as the strict parser sees `text`."""
+    try:
+        return "ok", decoder.decode(text)
+    except ValueError:
+        return "refused", None
+
+
+def _check(text: str) -> None:
+    fast = strictjson.fast_object(text, DEPTH)
+    if fast is None:
+        return  # deferred: the strict parser decides, so nothing can differ
+    for decoder in (STRICT, STRICT_BY_VALUE):
+        verdict, doc = _strict(decoder, text)
+        if decoder is STRICT_BY_VALUE and verdict == "refused":
+            continue  # the control API refuses more (integral floats); it checks that itself
+        assert verdict == "ok", text
+        assert doc == fast and json.dumps(doc, sort_keys=True) == json.dumps(fast, sort_keys=True)
+
+
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=5))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_object_agrees_with_the_strict_parser_on_generated_objects(
+    doc: dict[str, Any],
+) -> None:
+    _check(json.dumps(doc))
+    _check(json.dumps(doc, ensure_ascii=False))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1, "a": 2}',
+        '{"a": {"b": 1, "b": 1}}',
+        '{"a": 1, "b": "x", "a": "y"}',
+        '{"n": 9223372036854775808}',
+        '{"n": -9223372036854775809}',
+        '{"n": 18446744073709551615}',
+        '{"n": 18446744073709551616}',
+        '{"n": 123456789012345678901234567890}',
+        '{"n": -123456789012345678901234567890}',
+        '{"n": 1e19}',
+        '{"n": 1e400}',
+        '{"n": NaN}',
+        '{"n": Infinity}',
+        '{"s": "\\ud800"}',
+        '{"s": "a\\"b"}',
+        "[1, 2]",
+        '"text"',
+        '{"a": 1} trailing',
+        '{"deep": ' + "[" * 40 + "]" * 40 + "}",
+    ],
+)
+def test_fast_object_defers_everything_the_strict_parser_might_refuse(text: str) -> None:
+    strict, _ = _strict(STRICT, text)
+    fast = strictjson.fast_object(text, DEPTH)
+    if strict == "refused" or "\\" in text or not text.startswith("{") or "[" * 40 in text:
+        assert fast is None, text
+    _check(text)
+
+
+secret_values = st.text(min_size=MIN_SECRET_LENGTH, max_size=10).filter(lambda s: s.strip())
+places = st.sampled_from(["data-value", "data-key", "nested", "event-id", "type"])
+
+
+def _event(seq: int, secret: str, place: str, filler: str) -> OutputEvent:
+    data: dict[str, Any] = {"text": filler, "step": seq}
+    event_id, event_type = f"evt-{seq}", "log.line"
+    if place == "data-value":
+        data["text"] = f"{filler}{secret}{filler}"
+    elif place == "data-key":
+        data[f"k{secret}"] = 1
+    elif place == "nested":
+        data["list"] = [{"deep": [secret]}]
+    elif place == "event-id":
+        event_id = f"evt-{secret}-{seq}"
+    else:
+        event_type = f"t.{secret}"
+    return OutputEvent(event_id, seq, event_type, data, Millis(0))
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+@given(secret_values, places, st.integers(min_value=0, max_value=8), st.text(max_size=8))
+@settings(max_examples=300)
+def test_a_secret_anywhere_in_a_batch_is_masked_however_it_is_escaped(
+    secret: str, place: str, where: int, filler: str
+) -> None:
+    events = [OutputEvent(f"evt-{i}", i, "log.line", {"text": filler}, Millis(0)) for i in range(9)]
+    events[where] = _event(where, secret, place, filler)
+    masked = mask_events(events, [secret])
+    for event in masked:
+        for text in _strings([event.event_id, event.type, event.data]):
+            assert secret not in text, (place, text)
+    touched = masked[where]
+    assert MASK in orjson.dumps(touched.data).decode() or MASK_IN_IDS in (
+        touched.event_id + touched.type
+    )
+
+
+def test_a_batch_without_secrets_is_returned_as_it_came() -> None:
+    events = [OutputEvent(f"evt-{i}", i, "log.line", {"text": "hi"}, Millis(0)) for i in range(5)]
+    assert mask_events(events, ["s3cr3t-value"]) is events

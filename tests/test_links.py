@@ -1,0 +1,75 @@
+"""The send watchdog: a runtime that stops reading stalls a direct send and is closed with 4003.
+
+A direct send (a reply from the connection's own task) is not wrapped in a cancel scope of its
+own; `watch_sends` sweeps the links instead. These tests drive it with trio's MockClock, so the
+timing checks are exact and cost no wall time (pytest-trio's `autojump_clock`).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection
+
+from gateway.links import Link, watch_sends
+from statemachine.messages import CloseCode
+
+TIMEOUT = 10.0
+
+
+class _SlowPeer:
+    """A WebSocket whose peer takes `delay` seconds to accept each frame (inf: never)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.sent: list[str] = []
+
+    async def send_message(self, message: str) -> None:
+        await trio.sleep(self.delay)
+        self.sent.append(message)
+
+
+async def _send_watched(delay: float) -> tuple[Link, _SlowPeer, float]:
+    """Send one frame to a peer with `delay` under the watchdog; return when the send ended."""
+    peer = _SlowPeer(delay)
+    # A watchdog that never fires must fail the test, not hang it.
+    with trio.fail_after(TIMEOUT * 2):
+        return await _send_under_watchdog(peer)
+
+
+async def _send_under_watchdog(peer: _SlowPeer) -> tuple[Link, _SlowPeer, float]:
+    async with trio.open_nursery() as watchdog:
+        with trio.CancelScope() as scope:
+            link = Link(1, cast(WebSocketConnection, peer), 4, scope, TIMEOUT)
+            watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
+            started = trio.current_time()
+            await link.send("a reply")
+        ended = trio.current_time() - started
+        watchdog.cancel_scope.cancel()
+    return link, peer, ended
+
+
+async def test_a_peer_that_never_reads_is_closed_4003_within_a_quarter_past_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    link, peer, ended = await _send_watched(float("inf"))
+    assert link.close_code is CloseCode.SLOW_CONSUMER
+    assert peer.sent == []
+    assert TIMEOUT <= ended <= TIMEOUT * 1.25
+    assert link.sending_since is None  # the aborted send cleaned up after itself
+
+
+async def test_a_slow_but_reading_peer_is_left_alone(autojump_clock: trio.abc.Clock) -> None:
+    link, peer, ended = await _send_watched(TIMEOUT * 0.9)
+    assert link.close_code is None
+    assert peer.sent == ["a reply"]
+    assert ended == pytest.approx(TIMEOUT * 0.9)
+
+
+async def test_an_idle_link_is_never_stalled() -> None:
+    link = Link(1, cast(WebSocketConnection, _SlowPeer(0)), 4, trio.CancelScope(), TIMEOUT)
+    assert not link.stalled(trio.current_time() + 1e9)
+    await link.send("a reply")
+    assert not link.stalled(trio.current_time() + 1e9)
