@@ -3,9 +3,11 @@
 Frames answering the connection's own commands are sent straight from its own task (a channel
 hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
 (input deliveries posted by the platform, a close for a superseded connection) go through a
-bounded queue that the connection's writer task drains. A runtime that stops reading fills that
-queue, or stalls a direct send past `send_timeout_s`, and is closed with 4003 instead of making
-the gateway hold its frames in memory.
+bounded queue that the connection's writer task drains. The queue and the writer are made when
+first needed: most connections never need them, and idle sessions are what a gateway holds.
+
+A runtime that stops reading fills that queue, or stalls a direct send past `send_timeout_s`,
+and is closed with 4003 instead of making the gateway hold its frames in memory.
 
 A direct send is not wrapped in its own cancel scope: entering and leaving one costs about as much
 as the rest of a heartbeat's own work. Each link notes when its send began, and one watchdog task
@@ -26,7 +28,8 @@ class Link:
     """The outbound side of one runtime connection."""
 
     __slots__ = (
-        "_inbox",
+        "_capacity",
+        "_nursery",
         "_outbox",
         "_send_ended",
         "close_code",
@@ -43,14 +46,16 @@ class Link:
         conn_id: int,
         ws: WebSocketConnection,
         capacity: int,
-        scope: trio.CancelScope,
+        nursery: trio.Nursery,
         send_timeout_s: float = 10.0,
     ) -> None:
         self.conn_id = conn_id
         self.ws = ws
-        self.scope = scope
+        self.scope = nursery.cancel_scope  # cancelling it ends the connection
         self.send_timeout_s = send_timeout_s
-        self._outbox, self._inbox = trio.open_memory_channel[str](capacity)
+        self._nursery = nursery
+        self._capacity = capacity
+        self._outbox: trio.MemorySendChannel[str] | None = None
         # When the connection's own task began the send it is in the middle of (trio clock).
         self.sending_since: float | None = None
         self._send_ended: trio.Event | None = None  # set when that send ends, if anyone waits
@@ -85,7 +90,7 @@ class Link:
         if self.closing:
             return
         try:
-            self._outbox.send_nowait(frame)
+            self._queue().send_nowait(frame)
         except trio.WouldBlock:
             self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
         except trio.BrokenResourceError:
@@ -100,19 +105,27 @@ class Link:
         if self.closing:
             return
         self.close_code, self.close_reason = code, reason
-        self._outbox.close()
+        self._queue().close()  # the writer sends what is queued, then ends the connection
 
     def abort(self, code: CloseCode, reason: str) -> None:
         """Close now, dropping queued frames (the peer is not reading them anyway)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-            self._outbox.close()
+            if self._outbox is not None:
+                self._outbox.close()
         self.scope.cancel()
 
-    async def write_queued(self) -> None:
+    def _queue(self) -> trio.MemorySendChannel[str]:
+        """The writer's queue, made with the writer task on first use."""
+        if self._outbox is None:
+            self._outbox, inbox = trio.open_memory_channel[str](self._capacity)
+            self._nursery.start_soon(self._write_queued, inbox)
+        return self._outbox
+
+    async def _write_queued(self, inbox: trio.MemoryReceiveChannel[str]) -> None:
         """The writer task: drain the queue until a close is decided, then end the connection."""
-        async with self._inbox:
-            async for frame in self._inbox:
+        async with inbox:
+            async for frame in inbox:
                 try:
                     await self.ws.send_message(frame)
                 except ConnectionClosed:

@@ -311,11 +311,10 @@ class Gateway:
                     conn_id,
                     ws,
                     self.settings.outbound_queue,
-                    nursery.cancel_scope,
+                    nursery,
                     self.settings.send_timeout_s,
                 )
                 self.links[conn_id] = link
-                nursery.start_soon(link.write_queued)
                 await self.feed(ConnectionOpened(conn_id, principal, self.clock.now()), conn_id)
                 await self._read_frames(link)
                 nursery.cancel_scope.cancel()

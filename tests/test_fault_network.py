@@ -147,12 +147,11 @@ async def test_frames_for_a_link_cut_under_its_writer_are_dropped_quietly() -> N
     attach. Raising instead fails the platform's POST with a 500 for inputs that were queued,
     inviting a retry that queues them twice (seen under the long mid-frame cut test).
     """
-    with trio.CancelScope() as scope:
-        link = Link(1, cast(WebSocketConnection, _PeerGone()), 4, scope)
+    async with trio.open_nursery() as connection:
+        link = Link(1, cast(WebSocketConnection, _PeerGone()), 4, connection)
         link.enqueue("a frame the writer will fail to send")
-        await link.write_queued()
-        link.enqueue("an input delivery posted a moment later")
-    assert scope.cancel_called  # the writer ended the connection, as it must
+    assert connection.cancel_scope.cancel_called  # the writer ended the connection, as it must
+    link.enqueue("an input delivery posted a moment later")
 
 
 # --- stalls ------------------------------------------------------------------------------------

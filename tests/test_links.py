@@ -41,8 +41,8 @@ async def _send_watched(delay: float) -> tuple[Link, _SlowPeer, float]:
 
 async def _send_under_watchdog(peer: _SlowPeer) -> tuple[Link, _SlowPeer, float]:
     async with trio.open_nursery() as watchdog:
-        with trio.CancelScope() as scope:
-            link = Link(1, cast(WebSocketConnection, peer), 4, scope, TIMEOUT)
+        async with trio.open_nursery() as connection:
+            link = Link(1, cast(WebSocketConnection, peer), 4, connection, TIMEOUT)
             watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
             started = trio.current_time()
             await link.send("a reply")
@@ -69,7 +69,22 @@ async def test_a_slow_but_reading_peer_is_left_alone(autojump_clock: trio.abc.Cl
 
 
 async def test_an_idle_link_is_never_stalled() -> None:
-    link = Link(1, cast(WebSocketConnection, _SlowPeer(0)), 4, trio.CancelScope(), TIMEOUT)
-    assert not link.stalled(trio.current_time() + 1e9)
-    await link.send("a reply")
-    assert not link.stalled(trio.current_time() + 1e9)
+    async with trio.open_nursery() as connection:
+        link = Link(1, cast(WebSocketConnection, _SlowPeer(0)), 4, connection, TIMEOUT)
+        assert not link.stalled(trio.current_time() + 1e9)
+        await link.send("a reply")
+        assert not link.stalled(trio.current_time() + 1e9)
+
+
+async def test_the_queue_and_its_writer_are_made_only_when_another_task_sends() -> None:
+    peer = _SlowPeer(0)
+    async with trio.open_nursery() as connection:
+        link = Link(1, cast(WebSocketConnection, peer), 4, connection, TIMEOUT)
+        await link.send("a reply")
+        assert not connection.child_tasks  # replies alone need no writer task
+        link.enqueue("an input delivery")
+        link.close(CloseCode.SUPERSEDED, "a newer connection took the run")
+    # The writer sent what was queued, then ended the connection with the decided code.
+    assert peer.sent == ["a reply", "an input delivery"]
+    assert connection.cancel_scope.cancel_called
+    assert link.close_code is CloseCode.SUPERSEDED
