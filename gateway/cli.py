@@ -7,7 +7,6 @@ the flags, the variables and the settings object cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ import attrs
 import trio
 
 from gateway.config import Settings
+from gateway.gcwatch import settle_heap, watch_collections
 
 ENV_PREFIX = "AGENT_GATEWAY_"
 
@@ -107,17 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settle_heap() -> None:
-    """Keep the start-up heap out of the garbage collector's way for the life of the process.
-
-    Modules, compiled validators, the web framework: none of it ever becomes garbage, yet every
-    full collection walks all of it, and frames allocate enough to trigger one every few thousand
-    commands. Frozen objects are skipped; what the gateway allocates per frame is still collected.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 async def serve(settings: Settings) -> None:
     """Run until a signal, then drain: answer in-flight work, tell runtimes to reconnect."""
     from gateway.embedded import open_gateway
@@ -125,6 +114,7 @@ async def serve(settings: Settings) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_gateway(settings) as running:
             settle_heap()
+            stop_watching = watch_collections(running.service.metrics.gc_seconds)
             print(f"agent-gateway: runtimes connect to {running.runtime_url}", flush=True)
             print(f"agent-gateway: control API at {running.control_url}", flush=True)
             if settings.dev:
@@ -134,6 +124,7 @@ async def serve(settings: Settings) -> None:
             async for signum in signals:
                 print(f"agent-gateway: {signal.Signals(signum).name}: draining", flush=True)
                 break
+            stop_watching()
     print("agent-gateway: stopped", flush=True)
 
 

@@ -88,6 +88,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("agent_gateway.client")
+# First and longest pause before retrying a command the gateway refused with rate_limited (s).
+RATE_LIMIT_PAUSE = (0.05, 2.0)
 
 ConnectionState = Literal["connecting", "attached", "reconnecting", "closed"]
 """What `on_state` is told: the demo prints these, operators grep for them."""
@@ -498,7 +500,12 @@ class GatewaySession:
             link.pending.pop(request_id, None)
 
     async def _call(self, channel: Channel, build: Callable[[str], Any], expect: type[_R]) -> _R:
-        """A command answered on whichever connection is live; retried after every reconnect."""
+        """A command answered on whichever connection is live; retried after every reconnect.
+
+        `rate_limited` is retried too, after a pause that doubles (with jitter) each time: every
+        command of the protocol is safe to repeat, and the caller asked for it to happen.
+        """
+        pause = RATE_LIMIT_PAUSE[0]
         while True:
             link = await self._live_link()
             outcome = await self._request(link, channel, build(link.session_id))
@@ -511,6 +518,10 @@ class GatewaySession:
                     continue
                 if self._failure is not None:
                     raise copy.copy(self._failure)
+                if outcome.code is ErrorCode.RATE_LIMITED:
+                    await trio.sleep(random.uniform(pause / 2, pause))
+                    pause = min(pause * 2, RATE_LIMIT_PAUSE[1])
+                    continue
                 raise GatewayError.of(outcome)
             if isinstance(outcome, ClientError):
                 raise outcome
@@ -961,7 +972,7 @@ async def connect(
     reconnect_backoff: tuple[float, float] = (0.2, 10.0),
     give_up_after: float | None = None,
     on_state: Callable[[ConnectionState], None] | None = None,
-    start_epoch: int = 0,
+    start_epoch: int | None = None,
     start_seq: int | None = None,
     connect_timeout: float = 10.0,
     ack_delay: float = 0.05,
@@ -969,9 +980,11 @@ async def connect(
 ) -> AsyncIterator[GatewaySession]:
     """Attach to a run for the duration of the block, reconnecting as the protocol asks.
 
-    `start_epoch` must exceed every epoch used for this run before (a restarted process should
-    pass something higher than its predecessor's, e.g. a timestamp). Outputs continue the run's
-    log where the gateway says it goes on (`nextOutputSeq`), unless `start_seq` says otherwise.
+    `start_epoch` must exceed every epoch used for this run before; by default it is the wall
+    clock in milliseconds, so a restarted process outranks its predecessor (which also means the
+    newest of two instances of one run wins: the older one is closed with 4001). Outputs continue
+    the run's log where the gateway says it goes on (`nextOutputSeq`), unless `start_seq` says
+    otherwise.
     Raises `ConnectError`, `Rejected`, `GatewayError` or `Superseded` if the first attach fails;
     reconnects after later drops are transparent.
     """
@@ -990,7 +1003,7 @@ async def connect(
         backoff=(low, high),
         give_up_after=give_up_after,
         on_state=on_state,
-        start_epoch=start_epoch,
+        start_epoch=time.time_ns() // 1_000_000 if start_epoch is None else start_epoch,
         connect_timeout=connect_timeout,
         ack_delay=ack_delay,
         close_timeout=close_timeout,

@@ -69,6 +69,12 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.gc_seconds = Counter(
+            "agent_gateway_gc_seconds",
+            "Time the garbage collector paused the gateway, by generation.",
+            ["generation"],
+            registry=self.registry,
+        )
         self.store_seconds = Histogram(
             "agent_gateway_store_seconds",
             "Store operation latency, by operation.",

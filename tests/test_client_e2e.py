@@ -97,8 +97,9 @@ async def test_every_method_against_a_real_gateway(tmp_path: Path) -> None:
 
         # 0 and 1 were processed and acknowledged; the loop broke on 2, so 2 comes again.
         await post_inputs(h, run_id, 3)
-        # A new process knows nothing of the log: the gateway tells it where the log goes on.
-        async with client(h, token, run_id, start_epoch=1) as s:
+        # A new process knows nothing of the log (the gateway tells it where the log goes on) nor
+        # of its predecessor's epoch (its default, the wall clock in ms, is higher).
+        async with client(h, token, run_id) as s:
             assert [e.data["n"] for e in await take(s, 2)] == [2, 3]
             assert await s.publish([("log.line", {"text": "c"})]) == [3]
         assert [e["seq"] for e in await stored_outputs(h, run_id)] == [0, 1, 2, 3]
@@ -188,7 +189,8 @@ async def test_a_higher_epoch_supersedes_the_old_client(tmp_path: Path) -> None:
         run_id, token = await h.create_run(capabilities=ALL)
         async with client(h, token, run_id) as old:
             await old.kv_set({"owner": "old"})
-            async with client(h, token, run_id, start_epoch=1, start_seq=0) as new:
+            # Started later, so its default epoch (the wall clock in ms) is the higher one.
+            async with client(h, token, run_id, start_seq=0) as new:
                 with trio.fail_after(10):
                     while old.state != "closed":
                         await trio.sleep(0.02)

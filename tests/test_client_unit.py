@@ -6,6 +6,7 @@ moment something goes wrong: a dropped connection, a lost reply, a redelivery, a
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -269,7 +270,9 @@ async def test_attach_then_every_command_routed_by_id() -> None:
     [attach] = fake.attaches()
     assert attach.run_id == RUN
     assert attach.reconnect is False
-    assert attach.connection_epoch == 0
+    # No start_epoch: the wall clock in ms, so a restarted process outranks its predecessor.
+    assert attach.connection_epoch is not None
+    assert abs(attach.connection_epoch - time.time() * 1000) < 600_000
     assert attach.runtime_instance_id == "rt-unit"
     assert {c.value for c in attach.capabilities} == {"kv.read", "secrets.read"}
     ids = [d.request_id for _, d in fake.frames]
@@ -399,6 +402,28 @@ async def test_cancelled_publish_is_still_sent_before_later_ones() -> None:
             await fake.close(0, 1012)
             assert await s.publish([("c", {})]) == [2]
     assert [fake.outputs[i].type for i in range(3)] == ["a", "b", "c"]
+
+
+async def test_rate_limited_commands_are_retried_after_a_pause() -> None:
+    async with fake_gateway() as fake:
+        refused_at: list[float] = []
+
+        async def limit(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.KV_SET and len(refused_at) < 3:
+                refused_at.append(trio.current_time())
+                await fake.reply(conn, decoded.request_id, ErrorPayload.of(
+                    ErrorCode.RATE_LIMITED, "too many commands; slow down and retry"))
+                return True
+            return False
+
+        fake.react = limit
+        async with session(fake, capabilities=["kv.read", "kv.write"]) as s:
+            await s.kv_set({"a": "1"})
+            assert await s.kv_get(["a"]) == {"a": "1"}
+    gaps = [b - a for a, b in itertools.pairwise(refused_at)]
+    # Pauses of 25-50 ms, then 50-100 ms (the first pause doubled, with jitter).
+    assert len(refused_at) == 3 and gaps[0] >= 0.025 and gaps[1] >= 0.05
+    assert len(fake.sockets) == 1  # no reconnect: the session just waited
 
 
 async def test_refused_batch_gives_its_seqs_back() -> None:

@@ -267,6 +267,7 @@ async def test_secret_values_never_appear_in_logs_errors_metrics_or_session_view
                 assert await session.kv_get(["cached-key"]) == {"cached-key": API_KEY}
                 view = await h.http.get(f"/v1/runs/{run_id}/session")
                 evidence.add("secrets: session view", view.text)
+                epoch = session.connection_epoch
 
             # The same through our client, without the capability: the error it raises.
             async with connect(h.running.runtime_url, token=bare_token, run_id=bare_run,
@@ -280,7 +281,7 @@ async def test_secret_values_never_appear_in_logs_errors_metrics_or_session_view
                 await wire.send_json({"channel": "runtime.session.attach.command", "id": "a",
                                       "payload": {"runId": run_id, "runtimeInstanceId": "rt-2",
                                                   "protocolVersion": "v1", "reconnect": True,
-                                                  "connectionEpoch": 10}})
+                                                  "connectionEpoch": epoch + 1}})
                 attached = await _frames_until(wire, "a", evidence)
                 session_id = attached["payload"]["sessionId"]
                 await wire.send_json({"channel": SECRETS_GET, "id": "denied", "payload": {
