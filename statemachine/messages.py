@@ -19,6 +19,8 @@ Millis = NewType("Millis", int)
 class Capability(enum.Enum):
     """What a runtime may ask to do (the seed's RuntimeCapability)."""
 
+    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
+
     SECRETS_READ = "secrets.read"
     KV_READ = "kv.read"
     KV_WRITE = "kv.write"
@@ -30,6 +32,10 @@ class Capability(enum.Enum):
 
 class Channel(enum.Enum):
     """Every channel of the AsyncAPI document, seed and extension (`x-agent-gateway`) alike."""
+
+    # Members are singletons that compare by identity, so identity can hash them too. Enum's
+    # own __hash__ is Python code, run by every dict and table lookup on a frame's hot path.
+    __hash__ = object.__hash__
 
     ATTACH = "runtime.session.attach.command"
     ATTACH_REPLY = "runtime.session.attach.reply"
@@ -56,6 +62,8 @@ class Channel(enum.Enum):
 
 class ErrorCode(enum.Enum):
     """Codes of the `runtime.session.error` frame; spec/v1/errors.md says when each is sent."""
+
+    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     INVALID_FRAME = "invalid_frame"
     UNKNOWN_CHANNEL = "unknown_channel"

@@ -17,6 +17,8 @@ from statemachine.messages import Capability, Millis
 class SessionState(enum.Enum):
     """Where a run's session stands (see statemachine/table.py for how it moves)."""
 
+    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
+
     DETACHED = "detached"
     ATTACHED = "attached"
     LEASED = "leased"

@@ -19,6 +19,8 @@ from statemachine.records import SessionState
 class Trigger(enum.Enum):
     """What can happen to one run's session."""
 
+    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
+
     ATTACH = "attach"  # attach, reconnect false: a new session for the run
     REATTACH = "reattach"  # attach with reconnect true, or recover: resume this session
     CLAIM_HELD = "claim held"  # the store recorded our epoch: the session is ours
@@ -34,6 +36,8 @@ class Trigger(enum.Enum):
 
 class Action(enum.Enum):
     """What the session does on a transition (a method of Session of the same name)."""
+
+    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     CLAIM = "claim"  # take the session at an epoch: supersede the old connection, ask the store
     GRANT = "grant"  # the claim held: grant the lease and answer the claimer
