@@ -14,10 +14,10 @@ from pathlib import Path
 
 import trio
 
-from bench.limits import raise_nofile
 from bench.machine import describe
 from bench.report import render, validate_results, write_results
 from bench.suite import FULL, QUICK, interpret, run_plan
+from gateway.limits import raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("micro", "throughput", "hold")

@@ -17,7 +17,7 @@ import sys
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
-from bench.limits import raise_nofile
+from gateway.limits import raise_nofile
 
 
 async def _echo(request: WebSocketRequest) -> None:

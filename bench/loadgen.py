@@ -27,7 +27,6 @@ import psutil
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
-from bench.limits import raise_nofile
 from bench.lines import LineReader, emit
 from bench.wire import (
     ACCEPTED,
@@ -40,6 +39,7 @@ from bench.wire import (
     connect,
     output_batch,
 )
+from gateway.limits import raise_nofile
 
 Spec = dict[str, Any]
 # A generator holding thousands of connections has a big, long-lived heap: with CPython's default

@@ -40,9 +40,9 @@ from bench.procs import (
 )
 from bench.seed import SeededRun, seed_runs
 from bench.tls import TlsFiles, make_tls
+from gateway.limits import session_capacity
 
 ADMIN_TOKEN = "bench-admin-token-not-a-secret-0123456789"
-FD_RESERVE = 128  # descriptors a gateway needs besides its runtime sockets (store, listeners...)
 
 
 @frozen
@@ -374,7 +374,7 @@ class Bench:
         """A fresh gateway holding as many sessions as the plan (and the fd limit) allows."""
         plan = self.plan
         wanted = plan.hold_sessions
-        capacity = self.nofile - FD_RESERVE
+        capacity = session_capacity(wanted, self.nofile)
         count = min(wanted, capacity)
         if count < wanted:
             self.results.notes.append(

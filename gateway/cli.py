@@ -19,6 +19,7 @@ import trio
 
 from gateway.config import Settings
 from gateway.gcwatch import settle_heap, watch_collections
+from gateway.limits import raise_nofile, session_capacity
 
 ENV_PREFIX = "AGENT_GATEWAY_"
 
@@ -111,6 +112,16 @@ async def serve(settings: Settings) -> None:
     """Run until a signal, then drain: answer in-flight work, tell runtimes to reconnect."""
     from gateway.embedded import open_gateway
 
+    nofile = raise_nofile()
+    capacity = session_capacity(settings.max_sessions, nofile)
+    if capacity < settings.max_sessions:
+        print(
+            f"agent-gateway: RLIMIT_NOFILE is {nofile}: holding at most {capacity} runtime"
+            f" connections, not --max-sessions {settings.max_sessions} (raise the hard limit,"
+            " e.g. LimitNOFILE= in systemd or ulimit -Hn, to hold more)",
+            flush=True,
+        )
+        settings = attrs.evolve(settings, max_sessions=capacity)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_gateway(settings) as running:
             settle_heap()
