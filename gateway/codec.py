@@ -353,6 +353,10 @@ _CLASS_OF: Final[dict[Channel, type[Any]]] = {
     **m.COMMAND_CHANNELS,
     **{ch: cls for cls, ch in m.REPLY_CHANNELS.items()},
 }
+# Each channel's class and its unstructure hook, looked up once here instead of per frame.
+_ENCODERS: Final[dict[Channel, tuple[type[Any], Callable[[Any], Any]]]] = {
+    channel: (cls, CONVERTER.get_unstructure_hook(cls)) for channel, cls in _CLASS_OF.items()
+}
 
 
 # --- strict JSON -------------------------------------------------------------------------------
@@ -676,11 +680,12 @@ def decode_server_frame(
 
 def encode(channel: Channel, request_id: str | None, payload: Any) -> str:
     """One frame of `payload` on `channel`; `request_id` is None only for an unreadable-id error."""
-    if type(payload) is not _CLASS_OF[channel]:
+    cls, unstructure = _ENCODERS[channel]
+    if type(payload) is not cls:
         raise TypeError(f"{type(payload).__name__} does not travel on {channel.value}")
     if request_id is None and channel is not Channel.ERROR:
         raise ValueError("only runtime.session.error frames may have a null id")
-    frame = {"channel": channel.value, "id": request_id, "payload": CONVERTER.unstructure(payload)}
+    frame = {"channel": channel.value, "id": request_id, "payload": unstructure(payload)}
     return orjson.dumps(frame).decode()
 
 
