@@ -70,7 +70,8 @@ async def crash_cycles(tmp_path: Path, kills: int) -> None:
                 stop.set()
             await post_sentinels(books, process.control_url, faults)
         process.terminate()
-        assert await process.wait() == 0
+        exit_code = await process.wait()
+        assert exit_code == 0, "the drained gateway said:\n" + "\n".join(process.output[-60:])
         nursery.cancel_scope.cancel()
 
     async with open_sqlite_store(gateway.database, synchronous="normal") as store:
