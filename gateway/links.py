@@ -89,8 +89,11 @@ class Link:
         """Send from another task without waiting; a full queue means the runtime is not reading."""
         if self.closing:
             return
+        queue = self._queue()
+        if queue is None:
+            return  # the connection is ending; what the frame carried is durable
         try:
-            self._queue().send_nowait(frame)
+            queue.send_nowait(frame)
         except trio.WouldBlock:
             self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
         except trio.BrokenResourceError:
@@ -105,7 +108,9 @@ class Link:
         if self.closing:
             return
         self.close_code, self.close_reason = code, reason
-        self._queue().close()  # the writer sends what is queued, then ends the connection
+        queue = self._queue()
+        if queue is not None:
+            queue.close()  # the writer sends what is queued, then ends the connection
 
     def abort(self, code: CloseCode, reason: str) -> None:
         """Close now, dropping queued frames (the peer is not reading them anyway)."""
@@ -115,9 +120,16 @@ class Link:
                 self._outbox.close()
         self.scope.cancel()
 
-    def _queue(self) -> trio.MemorySendChannel[str]:
-        """The writer's queue, made with the writer task on first use."""
+    def _queue(self) -> trio.MemorySendChannel[str] | None:
+        """The writer's queue, made with the writer task on first use; None once it is too late.
+
+        The connection's task cancels its nursery before leaving it, and a nursery that is done
+        takes no new task, so a cancelled connection gets no writer: it is ending anyway (the
+        drain, for one, may close a link whose task has not yet left its nursery).
+        """
         if self._outbox is None:
+            if self.scope.cancel_called:
+                return None
             self._outbox, inbox = trio.open_memory_channel[str](self._capacity)
             self._nursery.start_soon(self._write_queued, inbox)
         return self._outbox

@@ -88,3 +88,15 @@ async def test_the_queue_and_its_writer_are_made_only_when_another_task_sends() 
     assert peer.sent == ["a reply", "an input delivery"]
     assert connection.cancel_scope.cancel_called
     assert link.close_code is CloseCode.SUPERSEDED
+
+
+async def test_a_link_whose_connection_ended_can_still_be_closed_and_sent_to() -> None:
+    """Regression: the drain closed a link whose task was still leaving its (done) nursery."""
+    peer = _SlowPeer(0)
+    async with trio.open_nursery() as connection:
+        link = Link(1, cast(WebSocketConnection, peer), 4, connection, TIMEOUT)
+        connection.cancel_scope.cancel()  # what the connection's task does before leaving
+    link.enqueue("an input delivery posted as the connection ended")
+    link.close(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
+    assert link.close_code is CloseCode.SERVICE_RESTART  # finish() still sends this code
+    assert peer.sent == []
