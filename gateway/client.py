@@ -90,6 +90,8 @@ __all__ = [
 log = logging.getLogger("agent_gateway.client")
 # First and longest pause before retrying a command the gateway refused with rate_limited (s).
 RATE_LIMIT_PAUSE = (0.05, 2.0)
+# How often a closing session looks again for a link that can take its last acknowledgement (s).
+_FLUSH_RETRY_S = 0.02
 
 ConnectionState = Literal["connecting", "attached", "reconnecting", "closed"]
 """What `on_state` is told: the demo prints these, operators grep for them."""
@@ -923,9 +925,13 @@ class GatewaySession:
                 try:
                     while self._outbox and self._failure is None:
                         await self._outbox[0].done.wait()
-                    if self._processed > self._acked:
+                    # Until the last processed input is acknowledged: a link cut during the
+                    # flush drops it, and the next link must first redeliver what it acks.
+                    while self._processed > self._acked and self._failure is None:
                         await self._live_link()
                         await self._flush_acks()
+                        if self._processed > self._acked:
+                            await trio.sleep(_FLUSH_RETRY_S)
                 except ClientError:
                     pass  # stopped for good: nothing more can be sent
             self._closing = True

@@ -595,3 +595,26 @@ async def test_acks_wait_for_the_new_connection_to_redeliver() -> None:
             await eventually(lambda: fake.acked == 1)
     assert ErrorCode.SEQ_GAP not in fake.errors_sent
     assert fake.commands(Channel.INPUT_ACK, conn=0) == []
+
+
+async def test_leaving_retries_the_last_ack_when_its_link_is_cut() -> None:
+    """Regression: a cut during the final flush dropped the ack, and the session closed anyway
+    (the store then held the sentinel input unacknowledged although it was processed)."""
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(0), input_event(1)]
+
+        async def cut_first_ack(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.INPUT_ACK and conn == 0:
+                await ws.aclose(1012)  # the ack never reaches the store
+                return True
+            return False
+
+        fake.react = cut_first_ack
+        async with session(fake, ack_delay=5.0) as s:  # only the close flushes acks here
+            iterator = s.inputs()
+            await iterator.__anext__()
+            await iterator.__anext__()
+            with trio.move_on_after(0.01):  # asking for the next marks 1 as processed
+                await iterator.__anext__()
+    assert fake.acked == 1
+    assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1]
