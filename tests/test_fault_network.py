@@ -1,8 +1,8 @@
 """Network faults between runtime and gateway: links cut mid-frame, stalled half-open, delayed.
 
 Runtimes (our client) reach an in-process gateway through the chaos proxy, under load: output
-batches, KV writes, and inputs a platform task posts. Leases are short (heartbeat 1 s, two missed
-heartbeats: a 2 s lease) so a stall outlives one within the test. After each fault class the
+batches, KV writes, and inputs a platform task posts. Leases are short (heartbeat 1 s, a 2 s lease;
+3 s for stalls) so a stall outlives one within the test. After each fault class the
 store must hold every acknowledged output once and in order, every acknowledged KV write, and
 every input delivered once and acknowledged; sessions must resume (same sessionId).
 """
@@ -43,6 +43,10 @@ from gateway.client import ConnectError, connect
 from gateway.links import Link
 
 SHORT_LEASE = {"heartbeat_interval_ms": 1000, "lease_misses": 2}
+# A stall is watched from 0.3 s after it begins: a 3 s lease leaves the watch time to see the
+# session still leased, even when a slow box delays the last heartbeat before the stall.
+STALL_LEASE = {"heartbeat_interval_ms": 1000, "lease_misses": 3}
+MIN_CUTS = 10
 RUNTIMES = 3
 # A connection lives for this many bytes (both ways, TLS included) once cutting is on: past the
 # handshake and attach, then cut inside whatever frame is crossing at that byte.
@@ -99,8 +103,14 @@ async def cut_mid_frame(tmp_path: Path, seconds: float) -> None:
                 )
                 proxy.cut_mid_frame(rng.randint(*CUT_AFTER))
                 proxy.cut()  # the links opened before cutting was on: their successors get cut
+                # `seconds` of cutting, and on a slow box longer, until enough links were cut
+                # (each cut link's runtime backs off before it tries again).
                 deadline = trio.current_time() + seconds
-                while trio.current_time() < deadline:
+                give_up = deadline + 10 * seconds
+                while trio.current_time() < deadline or (
+                    proxy.connections_made - base - len(books) < MIN_CUTS
+                    and trio.current_time() < give_up
+                ):
                     await trio.sleep(rng.uniform(0.05, 0.3))
                     proxy.cut_mid_frame(rng.randint(*CUT_AFTER))  # each new link: a new budget
                     faults.injected = proxy.connections_made - base
@@ -120,7 +130,7 @@ async def cut_mid_frame(tmp_path: Path, seconds: float) -> None:
     )
     assert not result.problems, f"seed {seed}:\n" + "\n".join(result.problems)
     assert not resumed, resumed
-    assert cuts >= 10, f"only {cuts} links were cut: the test did not exercise much"
+    assert cuts >= MIN_CUTS, f"only {cuts} links were cut: the test did not exercise much"
 
 
 async def test_links_cut_mid_frame_lose_nothing(tmp_path: Path) -> None:
@@ -195,7 +205,7 @@ async def stall_and_recover(tmp_path: Path, stalls: int) -> None:
     faults, stop = Faults(), trio.Event()
     timings: list[str] = []
     problems: list[str] = []
-    async with gateway_for_test(tmp_path, recovery_window_ms=30_000, **SHORT_LEASE) as h, \
+    async with gateway_for_test(tmp_path, recovery_window_ms=30_000, **STALL_LEASE) as h, \
             proxy_to("127.0.0.1", port_of(h.running.runtime_url)) as proxy:
         control = h.running.control_url
         books = [await create_book(control)]
@@ -223,7 +233,7 @@ async def stall_and_recover(tmp_path: Path, stalls: int) -> None:
         "network stall",
         tried=stalls,
         lost=min(stalls, result.lost_cases(stalls) + len(problems)),
-        detail=f"{stalls} stalls past a 2 s lease (seed {seed}): {'; '.join(timings)}; "
+        detail=f"{stalls} stalls past a 3 s lease (seed {seed}): {'; '.join(timings)}; "
         f"{book.operations()} acknowledged operations audited",
     )
     assert not result.problems, f"seed {seed}:\n" + "\n".join(result.problems)
