@@ -16,10 +16,18 @@ Millis = NewType("Millis", int)
 """Milliseconds since the Unix epoch, UTC. On the wire: an RFC 3339 `...Z` timestamp."""
 
 
-class Capability(enum.Enum):
-    """What a runtime may ask to do (the seed's RuntimeCapability)."""
+class Name(enum.Enum):
+    """An enum whose members hash by identity.
 
-    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
+    Members are singletons that compare by identity, so identity can hash them too. Enum's own
+    __hash__ is Python code, run by every dict and table lookup on a frame's hot path.
+    """
+
+    __hash__ = object.__hash__
+
+
+class Capability(Name):
+    """What a runtime may ask to do (the seed's RuntimeCapability)."""
 
     SECRETS_READ = "secrets.read"
     KV_READ = "kv.read"
@@ -30,12 +38,8 @@ class Capability(enum.Enum):
     STREAM_RESUME = "stream.resume"
 
 
-class Channel(enum.Enum):
+class Channel(Name):
     """Every channel of the AsyncAPI document, seed and extension (`x-agent-gateway`) alike."""
-
-    # Members are singletons that compare by identity, so identity can hash them too. Enum's
-    # own __hash__ is Python code, run by every dict and table lookup on a frame's hot path.
-    __hash__ = object.__hash__
 
     ATTACH = "runtime.session.attach.command"
     ATTACH_REPLY = "runtime.session.attach.reply"
@@ -60,10 +64,8 @@ class Channel(enum.Enum):
     ERROR = "runtime.session.error"
 
 
-class ErrorCode(enum.Enum):
+class ErrorCode(Name):
     """Codes of the `runtime.session.error` frame; spec/v1/errors.md says when each is sent."""
-
-    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     INVALID_FRAME = "invalid_frame"
     UNKNOWN_CHANNEL = "unknown_channel"

@@ -6,18 +6,15 @@ restored after a restart); the store (gateway/store) persists them.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from attrs import frozen
 
-from statemachine.messages import Capability, Millis
+from statemachine.messages import Capability, Millis, Name
 
 
-class SessionState(enum.Enum):
+class SessionState(Name):
     """Where a run's session stands (see statemachine/table.py for how it moves)."""
-
-    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     DETACHED = "detached"
     ATTACHED = "attached"

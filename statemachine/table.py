@@ -8,18 +8,16 @@ and leave the state as it is.
 
 from __future__ import annotations
 
-import enum
 from typing import Final
 
 from attrs import frozen
 
+from statemachine.messages import Name
 from statemachine.records import SessionState
 
 
-class Trigger(enum.Enum):
+class Trigger(Name):
     """What can happen to one run's session."""
-
-    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     ATTACH = "attach"  # attach, reconnect false: a new session for the run
     REATTACH = "reattach"  # attach with reconnect true, or recover: resume this session
@@ -34,10 +32,8 @@ class Trigger(enum.Enum):
     REVOKED = "revoked"
 
 
-class Action(enum.Enum):
+class Action(Name):
     """What the session does on a transition (a method of Session of the same name)."""
-
-    __hash__ = object.__hash__  # see `statemachine.messages.Channel`
 
     CLAIM = "claim"  # take the session at an epoch: supersede the old connection, ask the store
     GRANT = "grant"  # the claim held: grant the lease and answer the claimer
