@@ -212,7 +212,10 @@ class Bench:
         heartbeat_rate = statistics.median(rates["gateway"])
         self.results.put("echo_rt_per_s", echo_rate, "round trips/s")
         self.results.put("heartbeat_rt_per_s", heartbeat_rate, "round trips/s")
-        self.results.put("heartbeat_ratio", heartbeat_rate / echo_rate, "ratio")
+        # Each gateway round is compared with the echo round next to it (the generator runs them
+        # back to back, ABBA), so a host that slows down for a while slows both sides of a pair.
+        pair_ratios = [gw / echo for gw, echo in zip(rates["gateway"], rates["echo"], strict=True)]
+        self.results.put("heartbeat_ratio", statistics.median(pair_ratios), "ratio")
         cpu = {
             target: {
                 "server_cores": statistics.median(
@@ -223,7 +226,7 @@ class Bench:
             }
             for target in ("echo", "gateway")
         }
-        self.results.details["ratio"] = cpu
+        self.results.details["ratio"] = {**cpu, "pair_ratios": [round(x, 3) for x in pair_ratios]}
         self.results.put("gateway_cpu_us_per_heartbeat",
                          cpu["gateway"]["server_cores"] / heartbeat_rate * 1e6, "us")
         self.results.put("echo_cpu_us_per_round_trip",

@@ -220,7 +220,9 @@ PAYLOAD_SCHEMAS: Final[Mapping[Channel, str]] = {
 """Each channel's payload schema, relative to spec/v1/schemas/ (as in the AsyncAPI document)."""
 
 ENVELOPE_SCHEMA: Final = "envelope.json#/$defs/Envelope"
+COMMAND_ENVELOPE_SCHEMA: Final = "envelope.json#/$defs/CommandEnvelope"
 _ENVELOPE: Final = compile_def(ENVELOPE_SCHEMA)
+_COMMAND_ENVELOPE: Final = compile_def(COMMAND_ENVELOPE_SCHEMA)
 _REQUEST_ID: Final = compile_def("envelope.json#/$defs/RequestId")
 _PAYLOAD_VALIDATORS: Final = {ch: compile_def(ref) for ch, ref in PAYLOAD_SCHEMAS.items()}
 
@@ -231,7 +233,7 @@ _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
-_MS_PER_DAY: Final = 86_400_000
+_SECONDS_PER_DAY: Final = 86_400
 
 
 def parse_timestamp(text: str) -> Millis:
@@ -246,20 +248,24 @@ def parse_timestamp(text: str) -> Millis:
     return Millis((datetime.fromisoformat(text) - _EPOCH) // _ONE_MS)
 
 
-@functools.lru_cache(maxsize=4)
-def _day_prefix(days: int) -> str:
-    """`YYYY-MM-DDT` of a day since the epoch: every timestamp of a day shares it."""
+@functools.lru_cache(maxsize=256)
+def _second_prefix(seconds: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.` of a second since the epoch: the timestamps of a second share it.
+
+    Replies carry deadlines a fixed interval after now, so the same few seconds recur thousands
+    of times; only the milliseconds are formatted per frame.
+    """
+    days, rest = divmod(seconds, _SECONDS_PER_DAY)
+    minutes, second = divmod(rest, 60)
+    hour, minute = divmod(minutes, 60)
     day = date.fromordinal(_EPOCH_ORDINAL + days)
-    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}T"
+    return f"{day.year:04d}-{day.month:02d}-{day.day:02d}T{hour:02d}:{minute:02d}:{second:02d}."
 
 
 def format_millis(value: Millis) -> str:
     """Epoch millis to the wire's `YYYY-MM-DDTHH:MM:SS.mmmZ`."""
-    days, rest = divmod(value, _MS_PER_DAY)
-    seconds, millis = divmod(rest, 1000)
-    minutes, second = divmod(seconds, 60)
-    hour, minute = divmod(minutes, 60)
-    return f"{_day_prefix(days)}{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
+    seconds, millis = divmod(value, 1000)
+    return f"{_second_prefix(seconds)}{millis:03d}Z"
 
 
 # --- the one converter -------------------------------------------------------------------------
@@ -353,9 +359,11 @@ _CLASS_OF: Final[dict[Channel, type[Any]]] = {
     **m.COMMAND_CHANNELS,
     **{ch: cls for cls, ch in m.REPLY_CHANNELS.items()},
 }
-# Each channel's class and its unstructure hook, looked up once here instead of per frame.
-_ENCODERS: Final[dict[Channel, tuple[type[Any], Callable[[Any], Any]]]] = {
-    channel: (cls, CONVERTER.get_unstructure_hook(cls)) for channel, cls in _CLASS_OF.items()
+# Each channel's class, wire name and unstructure hook, looked up once here instead of per frame
+# (an enum's `.value` alone costs as much as formatting a timestamp).
+_ENCODERS: Final[dict[Channel, tuple[type[Any], str, Callable[[Any], Any]]]] = {
+    channel: (cls, channel.value, CONVERTER.get_unstructure_hook(cls))
+    for channel, cls in _CLASS_OF.items()
 }
 
 
@@ -569,11 +577,8 @@ def _readable_id(doc: dict[str, Any]) -> str | None:
     return typing.cast(str, request_id)
 
 
-def _decode(
-    text: str | bytes, max_bytes: int, routes: dict[str, _Route]
-) -> tuple[_Route, str | None, Any]:
-    """Parse, validate the envelope and the payload, and structure it (raising `_Problem`)."""
-    doc = _parse(text, max_bytes)
+def _check_envelope(doc: dict[str, Any]) -> None:
+    """Raise the `_Problem` that explains why `doc` is not an Envelope, if it is not one."""
     try:
         _ENVELOPE(doc)
     except JsonSchemaValueException as exc:
@@ -583,6 +588,21 @@ def _decode(
                 request_id, ErrorCode.UNKNOWN_CHANNEL, "no such channel in protocol v1", "/channel"
             ) from None
         raise _schema_problem(exc, doc, [], request_id) from None
+
+
+def _decode(
+    text: str | bytes, max_bytes: int, routes: dict[str, _Route], envelope: Validator
+) -> tuple[_Route, str | None, Any]:
+    """Parse, validate the envelope and the payload, and structure it (raising `_Problem`).
+
+    `envelope` may be narrower than the Envelope (CommandEnvelope is): a frame it refuses is
+    explained by the Envelope's rules, or else by its channel going the other way.
+    """
+    doc = _parse(text, max_bytes)
+    try:
+        envelope(doc)
+    except JsonSchemaValueException:
+        _check_envelope(doc)
     request_id = doc["id"]
     route = routes.get(doc["channel"])
     if route is None:
@@ -646,7 +666,7 @@ def _salvaged_id(text: str | bytes) -> str | None:
 def decode(text: str | bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Decoded | DecodeError:
     """Read one runtime->gateway frame into a command, or say why it is refused; never raises."""
     try:
-        route, request_id, command = _decode(text, max_bytes, _COMMAND_ROUTES)
+        route, request_id, command = _decode(text, max_bytes, _COMMAND_ROUTES, _COMMAND_ENVELOPE)
         return Decoded(route.channel, typing.cast(str, request_id), command)
     except _Problem as problem:
         if problem.request_id is None and problem.readable and isinstance(text, str | bytes):
@@ -666,7 +686,7 @@ def decode_server_frame(
     Raises FrameRejected if the gateway broke the protocol.
     """
     try:
-        route, request_id, payload = _decode(text, max_bytes, _SERVER_ROUTES)
+        route, request_id, payload = _decode(text, max_bytes, _SERVER_ROUTES, _ENVELOPE)
     except _Problem as problem:
         raise FrameRejected(problem.request_id, problem.payload) from None
     except Exception:  # a client must not crash on a frame, whatever slipped through
@@ -680,12 +700,12 @@ def decode_server_frame(
 
 def encode(channel: Channel, request_id: str | None, payload: Any) -> str:
     """One frame of `payload` on `channel`; `request_id` is None only for an unreadable-id error."""
-    cls, unstructure = _ENCODERS[channel]
+    cls, name, unstructure = _ENCODERS[channel]
     if type(payload) is not cls:
-        raise TypeError(f"{type(payload).__name__} does not travel on {channel.value}")
+        raise TypeError(f"{type(payload).__name__} does not travel on {name}")
     if request_id is None and channel is not Channel.ERROR:
         raise ValueError("only runtime.session.error frames may have a null id")
-    frame = {"channel": channel.value, "id": request_id, "payload": unstructure(payload)}
+    frame = {"channel": name, "id": request_id, "payload": unstructure(payload)}
     return orjson.dumps(frame).decode()
 
 

@@ -16,7 +16,7 @@ as the rest of a heartbeat's own work. Each link notes when its send began, and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -29,6 +29,7 @@ class Link:
 
     __slots__ = (
         "_capacity",
+        "_now",
         "_nursery",
         "_outbox",
         "_send_ended",
@@ -48,12 +49,14 @@ class Link:
         capacity: int,
         nursery: trio.Nursery,
         send_timeout_s: float = 10.0,
+        now: Callable[[], float] = trio.current_time,
     ) -> None:
         self.conn_id = conn_id
         self.ws = ws
         self.scope = nursery.cancel_scope  # cancelling it ends the connection
         self.send_timeout_s = send_timeout_s
         self._nursery = nursery
+        self._now = now  # trio's clock; the gateway passes its direct reader (`Clock.trio_now`)
         self._capacity = capacity
         self._outbox: trio.MemorySendChannel[str] | None = None
         # When the connection's own task began the send it is in the middle of (trio clock).
@@ -69,9 +72,9 @@ class Link:
 
     async def send(self, frame: str) -> None:
         """Send from the connection's own task; `watch_sends` closes a peer that never takes it."""
-        if self.closing:
+        if self.close_code is not None:  # `closing`, without a property call on every reply
             return
-        self.sending_since = trio.current_time()
+        self.sending_since = self._now()
         try:
             await self.ws.send_message(frame)
         except ConnectionClosed:

@@ -167,9 +167,9 @@ class Gateway:
             if kind is SendReply:  # the hot path: one per command
                 reply = cast(SendReply, effect)
                 channel = REPLY_CHANNELS[type(reply.payload)]
-                await self._send(
-                    reply.conn, encode(channel, reply.request_id, reply.payload), origin
-                )
+                frame = encode(channel, reply.request_id, reply.payload)
+                if (link := self._direct(reply.conn, frame, origin)) is not None:
+                    await link.send(frame)
                 self.metrics.frames.sent[channel] += 1
             elif kind in _STORE_EFFECTS:
                 ticket = cast(StoreEffect, effect).ticket
@@ -225,13 +225,20 @@ class Gateway:
         return frames
 
     async def _send(self, conn: int, frame: str, origin: int | None) -> None:
-        link = self.links.get(conn)
-        if link is None:
-            return
-        if conn == origin:
+        if (link := self._direct(conn, frame, origin)) is not None:
             await link.send(frame)
-        else:
-            link.enqueue(frame)
+
+    def _direct(self, conn: int, frame: str, origin: int | None) -> Link | None:
+        """The link to send `frame` on from this task; None if it was queued or has no link.
+
+        Only the connection's own task sends directly (its replies); other tasks queue. Not a
+        coroutine, so the reply path awaits one coroutine less.
+        """
+        link = self.links.get(conn)
+        if link is None or conn == origin:
+            return link
+        link.enqueue(frame)
+        return None
 
     def _session_changed(self, change: SessionChanged) -> None:
         if change.old is not change.new:
@@ -313,6 +320,7 @@ class Gateway:
                     self.settings.outbound_queue,
                     nursery,
                     self.settings.send_timeout_s,
+                    self.clock.trio_now,
                 )
                 self.links[conn_id] = link
                 await self.feed(ConnectionOpened(conn_id, principal, self.clock.now()), conn_id)
@@ -361,7 +369,7 @@ class Gateway:
         elif isinstance(command, RecoverConnectionsCommand):
             await self._know_runs((command.main_run_id, *command.sub_run_ids))
         event = CommandReceived(link.conn_id, decoded.request_id, command, self.clock.now(), fresh)
-        await self.feed(event, link.conn_id)
+        await self.execute(self.hub.handle(event), link.conn_id)  # `feed`, one coroutine less
 
     async def _refuse(self, link: Link, request_id: str | None, error: ErrorPayload) -> None:
         self.metrics.error[error.code].inc()

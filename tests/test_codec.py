@@ -409,6 +409,35 @@ def test_gateway_to_runtime_channels_sent_by_a_runtime(channel: Channel) -> None
         ErrorCode.UNKNOWN_CHANNEL, "/channel", request_id)
 
 
+def _valid(validator: Callable[[Any], Any], doc: Any) -> bool:
+    try:
+        validator(doc)
+    except fastjsonschema.JsonSchemaValueException:
+        return False
+    return True
+
+
+_CHANNELS = st.sampled_from([c.value for c in Channel] + ["runtime.session.nope", ""])
+_IDS = st.one_of(st.sampled_from(["req-1", "", "x" * 65, "req 1"]), st.none(), st.integers())
+_PAYLOADS = st.one_of(st.dictionaries(st.text(max_size=3), st.none(), max_size=70), st.none())
+_ENVELOPE_LIKE = st.one_of(
+    st.fixed_dictionaries(
+        {"channel": _CHANNELS, "id": _IDS, "payload": _PAYLOADS}, optional={"extra": st.none()}
+    ),
+    st.dictionaries(st.sampled_from(["channel", "id", "payload"]), _CHANNELS | _IDS | _PAYLOADS),
+)
+
+
+@given(_ENVELOPE_LIKE)
+@settings(max_examples=500)
+def test_the_command_envelope_is_the_envelope_on_a_command_channel(doc: dict[str, Any]) -> None:
+    # `decode` checks runtime frames against CommandEnvelope and explains refusals by Envelope's
+    # rules; that is only sound if the two agree on every frame on a command channel.
+    commands = {c.value for c in m.COMMAND_CHANNELS}
+    expected = _valid(codec._ENVELOPE, doc) and doc.get("channel") in commands
+    assert _valid(codec._COMMAND_ENVELOPE, doc) == expected
+
+
 @pytest.mark.parametrize("channel", [1, None, [], {}, True])
 def test_channel_of_the_wrong_type(channel: Any) -> None:
     result = refused(frame("x", heartbeat()).replace('"x"', json.dumps(channel)))

@@ -69,6 +69,7 @@ def ours(ref: str) -> Callable[[Any], Any]:
     """The validator the codec uses for `ref` (its own object where the codec holds one)."""
     used = {ref_: codec._PAYLOAD_VALIDATORS[ch] for ch, ref_ in codec.PAYLOAD_SCHEMAS.items()}
     used[codec.ENVELOPE_SCHEMA] = codec._ENVELOPE
+    used[codec.COMMAND_ENVELOPE_SCHEMA] = codec._COMMAND_ENVELOPE
     used["envelope.json#/$defs/RequestId"] = codec._REQUEST_ID
     return used.get(ref) or codec.compile_def(ref)
 

@@ -270,6 +270,7 @@ def test_schema_properties_are_the_class_fields(cls: type[Any], definition: dict
 def test_envelope_enums_are_the_code_enums() -> None:
     envelope = load_json(SCHEMAS / "envelope.json")["$defs"]
     assert envelope["ChannelName"]["enum"] == [c.value for c in m.Channel]
+    assert envelope["CommandChannelName"]["enum"] == [c.value for c in m.COMMAND_CHANNELS]
     assert envelope["ErrorCode"]["enum"] == [c.value for c in m.ErrorCode]
     capabilities = load_json(SCHEMAS / "commands" / "runtime-session.json")["$defs"]
     assert capabilities["RuntimeCapability"]["enum"] == [c.value for c in m.Capability]
