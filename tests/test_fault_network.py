@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -21,6 +23,7 @@ import trio
 from e2e_support import gateway_for_test
 from fault_support import (
     NEVER,
+    Audit,
     Book,
     Faults,
     audit,
@@ -74,14 +77,43 @@ def _check_resumed(books: list[Book]) -> list[str]:
     return problems
 
 
-# --- drops -------------------------------------------------------------------------------------
+# --- the load that faults are injected under ----------------------------------------------------
 
 
-async def cut_mid_frame(tmp_path: Path, seconds: float) -> None:
-    """Cut every connection after a random byte count, for `seconds`, while runtimes work."""
+@dataclass
+class LoadRun:
+    """What one run under faults left behind, for its test to judge and record."""
+
+    seed: int
+    books: list[Book]
+    audit: Audit
+    resumed: list[str]  # runtimes whose session was replaced instead of resumed
+    links_opened: int  # connections the proxy accepted, in all
+
+    @property
+    def operations(self) -> int:
+        """Acknowledged operations of every runtime: what a loss is counted against."""
+        return sum(book.operations() for book in self.books)
+
+    def check(self) -> None:
+        """Nothing acknowledged was lost, and every runtime kept its session."""
+        assert not self.audit.problems, f"seed {self.seed}:\n" + "\n".join(self.audit.problems)
+        assert not self.resumed, self.resumed
+
+
+# Runs the faults while runtimes and the platform work; returns once they should stop.
+Inject = Callable[[ChaosProxy, random.Random, list[Book], Faults], Awaitable[None]]
+
+
+async def under_load(
+    tmp_path: Path, kind: str, inject: Inject, after: Callable[[ChaosProxy], None] | None = None
+) -> LoadRun:
+    """Runtimes and a platform posting inputs work through the chaos proxy while `inject` runs
+    its faults; then every runtime's sentinel is posted (`after` runs once they are through)
+    and the store is audited against every runtime's book."""
     seed = fault_seed()
     rng = random.Random(seed)
-    print(f"drop schedule seed {seed} (FAULT_SEED={seed} replays it)")
+    print(f"{kind} schedule seed {seed} (FAULT_SEED={seed} replays it)")
     faults, stop = Faults(), trio.Event()
     async with gateway_for_test(tmp_path, **SHORT_LEASE) as h, proxy_to(
         "127.0.0.1", port_of(h.running.runtime_url)
@@ -95,41 +127,56 @@ async def cut_mid_frame(tmp_path: Path, seconds: float) -> None:
                     random.Random(rng.random()),
                 )
             await _wait_attached(books)
-            base = proxy.connections_made
             async with trio.open_nursery() as platform:
                 platform.start_soon(
                     post_inputs_until, books, lambda: control, faults, stop,
                     random.Random(rng.random()),
                 )
-                proxy.cut_mid_frame(rng.randint(*CUT_AFTER))
-                proxy.cut()  # the links opened before cutting was on: their successors get cut
-                # `seconds` of cutting, and on a slow box longer, until enough links were cut
-                # (each cut link's runtime backs off before it tries again).
-                deadline = trio.current_time() + seconds
-                give_up = deadline + 10 * seconds
-                while trio.current_time() < deadline or (
-                    proxy.connections_made - base - len(books) < MIN_CUTS
-                    and trio.current_time() < give_up
-                ):
-                    await trio.sleep(rng.uniform(0.05, 0.3))
-                    proxy.cut_mid_frame(rng.randint(*CUT_AFTER))  # each new link: a new budget
-                    faults.injected = proxy.connections_made - base
-                proxy.cut_mid_frame(NEVER)
+                await inject(proxy, rng, books, faults)
                 stop.set()
             await post_sentinels(books, control, faults)
-        # Every link opened since cutting began was cut mid-frame, but each runtime's last one.
-        cuts = proxy.connections_made - base - len(books)
+            if after is not None:
+                after(proxy)
         result = await audit(h.running.service.store, books)
-        resumed = _check_resumed(books)
-    ops = sum(book.operations() for book in books)
+        return LoadRun(seed, books, result, _check_resumed(books), proxy.connections_made)
+
+
+# --- drops -------------------------------------------------------------------------------------
+
+
+async def cut_mid_frame(tmp_path: Path, seconds: float) -> None:
+    """Cut every connection after a random byte count, for `seconds`, while runtimes work."""
+    before_cutting = 0
+
+    async def cut(proxy: ChaosProxy, rng: random.Random, books: list[Book], faults: Faults) -> None:
+        nonlocal before_cutting
+        before_cutting = proxy.connections_made
+        proxy.cut_mid_frame(rng.randint(*CUT_AFTER))
+        proxy.cut()  # the links opened before cutting was on: their successors get cut
+        # `seconds` of cutting, and on a slow box longer, until enough links were cut (each cut
+        # link's runtime backs off before it tries again).
+        deadline = trio.current_time() + seconds
+        give_up = deadline + 10 * seconds
+        while trio.current_time() < deadline or (
+            proxy.connections_made - before_cutting - len(books) < MIN_CUTS
+            and trio.current_time() < give_up
+        ):
+            await trio.sleep(rng.uniform(0.05, 0.3))
+            proxy.cut_mid_frame(rng.randint(*CUT_AFTER))  # each new link: a new budget
+            faults.injected = proxy.connections_made - before_cutting
+        proxy.cut_mid_frame(NEVER)
+
+    run = await under_load(tmp_path, "drop", cut)
+    # Every link opened since cutting began was cut mid-frame, but each runtime's last one.
+    cuts = run.links_opened - before_cutting - len(run.books)
     record(
         "network drop",
         tried=cuts,
-        lost=result.lost_cases(cuts) + (1 if resumed else 0),
-        detail=f"{cuts} links cut mid-frame (seed {seed}); {ops} acknowledged operations audited",
+        lost=run.audit.lost_cases(cuts) + (1 if run.resumed else 0),
+        detail=f"{cuts} links cut mid-frame (seed {run.seed}); {run.operations} acknowledged"
+        " operations audited",
     )
-    assert not result.problems, f"seed {seed}:\n" + "\n".join(result.problems)
-    assert not resumed, resumed
+    run.check()
     assert cuts >= MIN_CUTS, f"only {cuts} links were cut: the test did not exercise much"
 
 
@@ -322,45 +369,25 @@ async def test_many_stalls_expire_at_the_deadline_and_recover(tmp_path: Path) ->
 
 async def delayed(tmp_path: Path, seconds: float) -> None:
     """Delay every chunk both ways by a changing 20-250 ms while runtimes work."""
-    seed = fault_seed()
-    rng = random.Random(seed)
-    print(f"delay schedule seed {seed} (FAULT_SEED={seed} replays it)")
-    faults, stop = Faults(), trio.Event()
-    async with gateway_for_test(tmp_path, **SHORT_LEASE) as h, proxy_to(
-        "127.0.0.1", port_of(h.running.runtime_url)
-    ) as proxy:
-        control = h.running.control_url
-        books = [await create_book(control) for _ in range(RUNTIMES)]
-        async with trio.open_nursery() as runtimes:
-            for book in books:
-                runtimes.start_soon(
-                    drive_runtime, book, proxy_url(proxy), h.ca.client_context(), faults, stop,
-                    random.Random(rng.random()),
-                )
-            await _wait_attached(books)
-            async with trio.open_nursery() as platform:
-                platform.start_soon(
-                    post_inputs_until, books, lambda: control, faults, stop,
-                    random.Random(rng.random()),
-                )
-                deadline = trio.current_time() + seconds
-                while trio.current_time() < deadline:
-                    proxy.delay_s = rng.uniform(0.02, 0.25)
-                    await trio.sleep(0.5)
-                stop.set()
-            await post_sentinels(books, control, faults)
-            proxy.delay_s = 0
-        result = await audit(h.running.service.store, books)
-        resumed = _check_resumed(books)
-    ops = sum(book.operations() for book in books)
+
+    async def delay(proxy: ChaosProxy, rng: random.Random, books: list[Book], _: Faults) -> None:
+        deadline = trio.current_time() + seconds
+        while trio.current_time() < deadline:
+            proxy.delay_s = rng.uniform(0.02, 0.25)
+            await trio.sleep(0.5)
+
+    def undelay(proxy: ChaosProxy) -> None:
+        proxy.delay_s = 0  # the sentinels went through delayed; the closes need not
+
+    run = await under_load(tmp_path, "delay", delay, after=undelay)
+    ops = run.operations
     record(
         "network delay",
         tried=ops,
-        lost=min(ops, len(result.problems) + len(resumed)),
-        detail=f"{ops} acknowledged operations through a 20-250 ms delay (seed {seed})",
+        lost=min(ops, len(run.audit.problems) + len(run.resumed)),
+        detail=f"{ops} acknowledged operations through a 20-250 ms delay (seed {run.seed})",
     )
-    assert not result.problems, f"seed {seed}:\n" + "\n".join(result.problems)
-    assert not resumed, resumed
+    run.check()
     assert ops > 50, f"only {ops} operations got through: the test did not exercise much"
 
 
