@@ -1,11 +1,21 @@
-"""In-process micro benchmarks: the pure core's step rate and the codec's cost per frame."""
+"""In-process micro benchmarks: the core's step rate, the codec's and the shell's cost per frame."""
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import orjson
+import trio
+
 from bench.codec_bench import measure as measure_codec
+from gateway.config import Settings
+from gateway.links import Link
+from gateway.service import Gateway
+from gateway.store.sqlite import open_sqlite_store
 from statemachine.effects import ClaimEpoch, SendReply
 from statemachine.hub import Hub
 from statemachine.inputs import (
@@ -84,3 +94,58 @@ def _cycle(items: list[CommandReceived], count: int) -> list[CommandReceived]:
 def codec_us(loops: int, repeats: int) -> tuple[float, float]:
     """(our codec, jsonschema) microseconds per heartbeat frame, from `bench/codec_bench.py`."""
     return measure_codec(loops, repeats)
+
+
+class _NoTransport:
+    """A WebSocket that takes every frame at once: what is left is the gateway's own work."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    async def send_message(self, message: str) -> None:
+        self.last = message
+
+
+def shell_us_per_heartbeat(heartbeats: int, repeats: int) -> float:
+    """`Gateway.on_message` per heartbeat frame, transport left out (best of repeats).
+
+    The whole shell path of one frame (decode, core, encode, metrics, the direct send) on an
+    attached session, with a real SQLite store behind it: the gateway's own cost per heartbeat,
+    which `heartbeat_ratio` adds to the transport's.
+    """
+    return trio.run(_shell_us_per_heartbeat, heartbeats, repeats)
+
+
+async def _shell_us_per_heartbeat(heartbeats: int, repeats: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="bench-shell-") as scratch:
+        settings = Settings(data_dir=Path(scratch), command_rate=1e9, command_burst=1e9)
+        async with open_sqlite_store(settings.database) as store, trio.open_nursery() as nursery:
+            gateway = Gateway(settings, store)
+            await gateway.load()
+            grant, _ = await gateway.create_run()
+            transport = _NoTransport()
+            link = Link(1, transport, settings.outbound_queue, nursery)  # type: ignore[arg-type]
+            gateway.links[1] = link
+            await gateway.feed(ConnectionOpened(1, grant.run_id, gateway.clock.now()), 1)
+            await gateway.on_message(link, _frame("a", "runtime.session.attach.command", {
+                "runId": grant.run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}))
+            session_id = orjson.loads(transport.last)["payload"]["sessionId"]
+            frames = [
+                _frame(f"hb-{n}", "runtime.session.heartbeat.command", {
+                    "sessionId": session_id, "runId": grant.run_id, "runtimeInstanceId": "rt-1"})
+                for n in range(heartbeats)
+            ]
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for frame in frames:
+                    await gateway.on_message(link, frame)
+                best = min(best, (time.perf_counter() - start) / heartbeats)
+            if '"accepted":true' not in transport.last:
+                raise RuntimeError(f"the last heartbeat was not granted: {transport.last}")
+            nursery.cancel_scope.cancel()
+    return best * 1e6
+
+
+def _frame(request_id: str, channel: str, payload: dict[str, Any]) -> str:
+    return orjson.dumps({"channel": channel, "id": request_id, "payload": payload}).decode()

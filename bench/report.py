@@ -191,7 +191,10 @@ _METHOD = [
     " runtimes acknowledge each delivery; the time runs until the last acknowledgement is durable.",
     "- `statemachine_steps_per_s`: `Hub.handle` on heartbeat commands over 1 000 leased sessions,"
     " in process; `codec_us_per_frame` and `jsonschema_us_per_frame` come from"
-    " `bench/codec_bench.py`.",
+    " `bench/codec_bench.py`; `shell_us_per_heartbeat` is `Gateway.on_message` on heartbeat"
+    " frames of an attached session with the transport left out (a WebSocket stand-in that takes"
+    " every frame at once): the gateway's own work per heartbeat, without the live server's"
+    " cache misses between frames.",
 ]
 
 

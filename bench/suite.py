@@ -155,13 +155,15 @@ class Bench:
     # --- phase 1: in process --------------------------------------------------------------------
 
     def run_micro(self) -> None:
-        """The pure core's step rate and the codec's per-frame cost."""
+        """The pure core's step rate, the codec's per-frame cost and the whole shell's."""
         print("micro benchmarks", flush=True)
         steps = micro.statemachine_steps_per_s(self.plan.statemachine_steps)
         self.results.put("statemachine_steps_per_s", steps, "steps/s")
         ours, theirs = micro.codec_us(self.plan.codec_loops, self.plan.codec_repeats)
         self.results.put("codec_us_per_frame", ours, "us")
         self.results.put("jsonschema_us_per_frame", theirs, "us")
+        shell = micro.shell_us_per_heartbeat(self.plan.codec_loops, self.plan.codec_repeats)
+        self.results.put("shell_us_per_heartbeat", shell, "us")
 
     # --- phase 2: throughput --------------------------------------------------------------------
 

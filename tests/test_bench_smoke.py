@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe
-from bench.micro import attached_hub, codec_us, statemachine_steps_per_s
+from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
 from bench.report import (
     METRICS,
     render,
@@ -142,3 +142,7 @@ def test_statemachine_micro_benchmark_runs() -> None:
 def test_codec_micro_benchmark_runs() -> None:
     ours, theirs = codec_us(50, 1)
     assert ours > 0 and theirs > 0
+
+
+def test_shell_micro_benchmark_runs_the_whole_frame_path() -> None:
+    assert shell_us_per_heartbeat(20, 1) > 0
