@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import trio
 
 from bench.codec_bench import measure as measure_codec
+from bench.wire import HeartbeatFrames, attach_frame, session_of
 from gateway.config import Settings
 from gateway.links import Link
 from gateway.service import Gateway
@@ -127,14 +127,10 @@ async def _shell_us_per_heartbeat(heartbeats: int, repeats: int) -> float:
             link = Link(1, transport, settings.outbound_queue, nursery)  # type: ignore[arg-type]
             gateway.links[1] = link
             await gateway.feed(ConnectionOpened(1, grant.run_id, gateway.clock.now()), 1)
-            await gateway.on_message(link, _frame("a", "runtime.session.attach.command", {
-                "runId": grant.run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}))
-            session_id = orjson.loads(transport.last)["payload"]["sessionId"]
-            frames = [
-                _frame(f"hb-{n}", "runtime.session.heartbeat.command", {
-                    "sessionId": session_id, "runId": grant.run_id, "runtimeInstanceId": "rt-1"})
-                for n in range(heartbeats)
-            ]
+            await gateway.on_message(link, attach_frame(grant.run_id, "rt-1"))
+            # The very frames the ratio scenario sends, built before the clock starts.
+            heartbeat = HeartbeatFrames(session_of(transport.last), grant.run_id, "rt-1")
+            frames = [heartbeat.next() for _ in range(heartbeats)]
             best = math.inf
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -146,6 +142,3 @@ async def _shell_us_per_heartbeat(heartbeats: int, repeats: int) -> float:
             nursery.cancel_scope.cancel()
     return best * 1e6
 
-
-def _frame(request_id: str, channel: str, payload: dict[str, Any]) -> str:
-    return orjson.dumps({"channel": channel, "id": request_id, "payload": payload}).decode()

@@ -21,9 +21,8 @@ class Clock:
         # The run's clock object itself: reading it directly skips two layers of trio's public
         # `current_time()`, and the core asks for the time on every frame.
         self.trio_now = trio.lowlevel.current_clock().current_time
-        self._wall_at_start = time.time()
-        self._trio_at_start = self.trio_now()
-        self._wall_minus_trio = self._wall_at_start - self._trio_at_start
+        # One offset relates the two clocks, fixed at start: wall = trio + offset.
+        self._wall_minus_trio = time.time() - self.trio_now()
 
     def now(self) -> Millis:
         """The current time for the core."""
@@ -31,4 +30,4 @@ class Clock:
 
     def trio_time(self, at: Millis) -> float:
         """The trio clock reading at which wall time `at` arrives (for deadlines and sleeps)."""
-        return self._trio_at_start + at / 1000 - self._wall_at_start
+        return at / 1000 - self._wall_minus_trio
