@@ -154,7 +154,7 @@ class Bench:
 
     # --- phase 1: in process --------------------------------------------------------------------
 
-    def run_micro(self) -> None:
+    async def run_micro(self) -> None:
         """The pure core's step rate, the codec's per-frame cost and the whole shell's."""
         print("micro benchmarks", flush=True)
         steps = micro.statemachine_steps_per_s(self.plan.statemachine_steps)
@@ -162,7 +162,7 @@ class Bench:
         ours, theirs = micro.codec_us(self.plan.codec_loops, self.plan.codec_repeats)
         self.results.put("codec_us_per_frame", ours, "us")
         self.results.put("jsonschema_us_per_frame", theirs, "us")
-        shell = micro.shell_us_per_heartbeat(self.plan.codec_loops, self.plan.codec_repeats)
+        shell = await micro.shell_us_per_heartbeat(self.plan.codec_loops, self.plan.codec_repeats)
         self.results.put("shell_us_per_heartbeat", shell, "us")
 
     # --- phase 2: throughput --------------------------------------------------------------------
@@ -518,7 +518,7 @@ async def run_plan(plan: Plan, nofile: int, phases: Sequence[str]) -> Results:
     with tempfile.TemporaryDirectory(prefix="agent-gateway-bench-") as scratch:
         bench = Bench(plan, Path(scratch), nofile)
         if "micro" in phases:
-            bench.run_micro()
+            await bench.run_micro()
         if "throughput" in phases:
             await bench.run_throughput()
         if "hold" in phases:
