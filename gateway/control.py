@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -41,7 +41,7 @@ from gateway.codec import CONVERTER, MAX_DEPTH, format_millis
 from gateway.config import Settings
 from gateway.service import Gateway, SessionView
 from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
-from statemachine.messages import Capability, Millis
+from statemachine.messages import Capability, Millis, OutputEvent
 
 log = logging.getLogger("agent_gateway.control")
 
@@ -416,7 +416,9 @@ class _Routes:
         try:
             if await self.gateway.store.get_run(run_id) is None:
                 raise Problem(404, "unknown-run", "no live run has this id")
-            events = await self.gateway.wait_outputs(run_id, after, limit, wait_s)
+            events = await _unless_hung_up(
+                request.receive, partial(self.gateway.wait_outputs, run_id, after, limit, wait_s)
+            )
         except StoreError:
             raise _store_failed() from None
         # Encoded one by one so a page stops at MAX_RESPONSE_BYTES, and joined without a copy
@@ -481,6 +483,34 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     else:  # pragma: no cover
         detail = TITLES[slug]
     return Problem(exc.status_code, slug, detail, headers=exc.headers).response()
+
+
+async def _unless_hung_up(
+    receive: Receive, wait: Callable[[], Awaitable[list[OutputEvent]]]
+) -> list[OutputEvent]:
+    """What `wait` returns, or nothing once the platform hangs up: nobody would read it.
+
+    A long poll may wait a minute; without this, every poll the platform gave up on would hold
+    its task and its wake-up that long, however many it abandoned.
+    """
+    events: list[OutputEvent] = []
+    failed: StoreError | None = None
+
+    async def cancel_on_hang_up(scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the request's (empty) body
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_on_hang_up, nursery.cancel_scope)
+        try:
+            events = await wait()
+        except StoreError as error:
+            failed = error  # raised outside: from inside the nursery it would come out grouped
+        nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+    return events
 
 
 def _authorized(scope: Scope, expected: bytes) -> bool:

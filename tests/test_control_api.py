@@ -770,6 +770,40 @@ async def test_long_poll_returns_as_soon_as_an_output_is_stored(
     assert conforms(got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
 
 
+async def test_a_long_poll_ends_when_the_platform_hangs_up(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id, _ = await env.create_run()
+    polling, ended = trio.Event(), trio.Event()
+    wait_outputs = env.gateway.wait_outputs
+
+    async def watched(*args: Any) -> Any:
+        polling.set()
+        try:
+            return await wait_outputs(*args)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(env.gateway, "wait_outputs", watched)
+    port = env.http.base_url.port
+    assert port is not None
+    platform = await trio.open_tcp_stream("127.0.0.1", port)
+    await platform.send_all(
+        f"GET /v1/runs/{run_id}/outputs?wait=60 HTTP/1.1\r\nhost: gateway\r\n"
+        f"authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode()
+    )
+    with trio.fail_after(10):
+        await polling.wait()
+    await platform.aclose()
+    # Far less than the poll's own 60 s: only the hang-up can end it in time.
+    with trio.fail_after(10):
+        await ended.wait()
+    # Nothing failed on the way out, and the next platform request is served as ever.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    response = await env.http.get(f"/v1/runs/{run_id}/outputs", params={"after": 3})
+    assert conforms(response, OUTPUTS) == {"events": [], "next": 3}
+
+
 async def test_long_poll_times_out_empty(env: Env) -> None:
     run_id, _ = await env.create_run()
     started = trio.current_time()
