@@ -15,7 +15,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PYTHONS = ["3.11", "3.12", "3.13"]
 
 nox.needs_version = ">=2025.5.1"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "bench_smoke"]
 # uv when `nox[uv]` is installed (much faster), else plain virtualenv + pip.
 nox.options.default_venv_backend = "uv|virtualenv"
 # A machine without one of the interpreters skips that session instead of failing the run (nox
@@ -110,6 +110,13 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks (`nox -s bench -- --help` for their options)."""
     session.install(".[dev,bench]")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench_smoke(session: nox.Session) -> None:
+    """Run every bench phase at toy sizes (about a minute), so a broken suite is caught early."""
+    session.install(".[dev,bench]")
+    session.run("python", "-m", "bench", "--smoke", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -10,7 +10,7 @@ import math
 import operator
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from attrs import frozen
@@ -33,7 +33,10 @@ METRICS: dict[str, str] = {
 more, informational ones)."""
 
 MACHINE_KEYS = ("cores", "python", "trio", "trio_websocket", "wsproto")
-MODES = ("quick", "full")
+MODES = ("quick", "full", "smoke")
+HELD_SESSIONS: Final = {"full": 20_000, "quick": 2_000, "smoke": 40}
+"""`sessions_held` asked of each mode (the issue's 20 000 and 2 000; a smoke run only checks the
+suite works, at sizes too small for any figure to mean anything)."""
 
 
 @frozen
@@ -54,11 +57,11 @@ class Target:
 
 
 def targets(mode: str) -> dict[str, Target]:
-    """The issue's targets; `sessions_held` asks 2 000 of a quick run and 20 000 of a full one."""
+    """The issue's targets; `sessions_held` asks what the mode holds (`HELD_SESSIONS`)."""
     return {
         "heartbeat_ratio": Target(0.85, True),
         "heartbeat_p99_ms": Target(100, False),
-        "sessions_held": Target(20_000 if mode == "full" else 2_000, True),
+        "sessions_held": Target(HELD_SESSIONS[mode], True),
         "session_kib": Target(40, False),
         "attach_p99_ms": Target(500, False),
         "output_events_per_s": Target(50_000, True),
@@ -148,6 +151,11 @@ def render_markdown(doc: Mapping[str, Any], image: str | None) -> str:
         f" {machine['trio']}, trio-websocket {machine['trio_websocket']}, wsproto"
         f" {machine['wsproto']}.",
         "",
+    ]
+    if doc["mode"] == "smoke":
+        lines += ["A smoke run: every phase at toy sizes, to check the suite works. Its figures"
+                  " mean nothing.", ""]
+    lines += [
         "| metric | value | unit | target | met? |",
         "| --- | ---: | --- | --- | --- |",
     ]

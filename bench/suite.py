@@ -38,6 +38,7 @@ from bench.procs import (
     gateway_command,
     module_command,
 )
+from bench.report import HELD_SESSIONS
 from bench.seed import SeededRun, seed_runs
 from bench.tls import TlsFiles, make_tls
 from gateway.limits import session_capacity
@@ -78,7 +79,8 @@ QUICK = Plan(
     attach_runtimes=1000, attach_generators=2, attach_rounds=1,
     output_runtimes=16, output_batches=100, output_duration_s=6.0,
     input_runtimes=8, input_posts=10, http_runs=100,
-    hold_sessions=2000, hold_generators=2, hold_window_s=10.0, heartbeat_interval_ms=10_000,
+    hold_sessions=HELD_SESSIONS["quick"], hold_generators=2, hold_window_s=10.0,
+    heartbeat_interval_ms=10_000,
 )
 FULL = Plan(
     mode="full", statemachine_steps=1_000_000, codec_loops=50_000, codec_repeats=7,
@@ -86,8 +88,20 @@ FULL = Plan(
     attach_runtimes=1000, attach_generators=2, attach_rounds=3,
     output_runtimes=16, output_batches=1000, output_duration_s=20.0,
     input_runtimes=8, input_posts=40, http_runs=500,
-    hold_sessions=20_000, hold_generators=4, hold_window_s=30.0, heartbeat_interval_ms=10_000,
+    hold_sessions=HELD_SESSIONS["full"], hold_generators=4, hold_window_s=30.0,
+    heartbeat_interval_ms=10_000,
 )
+SMOKE = Plan(
+    mode="smoke", statemachine_steps=2_000, codec_loops=200, codec_repeats=1,
+    ratio_connections=10, ratio_pairs=1, ratio_round_s=0.5, ratio_warmup_s=0.2,
+    attach_runtimes=20, attach_generators=1, attach_rounds=1,
+    output_runtimes=2, output_batches=5, output_duration_s=1.0,
+    input_runtimes=2, input_posts=2, http_runs=5,
+    hold_sessions=HELD_SESSIONS["smoke"], hold_generators=1, hold_window_s=2.0,
+    heartbeat_interval_ms=1_000,
+)
+"""Every phase, every process and every file the suite writes, at toy sizes (about a minute):
+what `nox` runs so a change that breaks the suite is caught before anyone needs a real run."""
 
 
 class Results:

@@ -29,7 +29,7 @@ from bench.report import (
     validate_results,
     write_results,
 )
-from bench.suite import QUICK, percentile, run_plan
+from bench.suite import QUICK, SMOKE, percentile, run_plan
 from statemachine.effects import SendReply
 from statemachine.messages import HeartbeatResponse
 
@@ -100,6 +100,12 @@ def test_table_has_every_metric_and_judges_targets() -> None:
 def test_sessions_held_target_depends_on_the_mode() -> None:
     assert targets("quick")["sessions_held"].bound == 2_000
     assert targets("full")["sessions_held"].bound == 20_000
+    assert targets("smoke")["sessions_held"].bound == SMOKE.hold_sessions
+
+
+def test_only_a_smoke_page_says_its_figures_mean_nothing() -> None:
+    assert "figures mean nothing" in render_markdown(synthetic("smoke"), None)
+    assert "figures mean nothing" not in render_markdown(synthetic("full"), None)
 
 
 def test_render_writes_the_page_and_the_chart(tmp_path: Path) -> None:
