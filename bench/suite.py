@@ -513,6 +513,14 @@ def interpret(results: Results, cores: int, load: float) -> None:
             f"CPU per round trip: gateway {gateway:.0f} us per heartbeat, echo server {echo:.0f} us"
             f" per echo; the gateway's own work is {gateway - echo:.0f} us per heartbeat (the"
             f" ratio of the two is {echo / gateway:.2f})")
+    outputs = results.details.get("outputs")
+    if outputs and outputs["stored"] and "echo_cpu_us_per_round_trip" in value:
+        notes.append(
+            f"outputs: the gateway spent {outputs['gateway_cpu_s'] / outputs['stored'] * 1e6:.1f}"
+            f" us of CPU per durable event, {outputs['gateway_cpu_s'] / outputs['elapsed_s']:.2f}"
+            " cores busy: one process bound by its own CPU, so the rate follows the host's speed"
+            " (read that speed from the echo server's CPU per round trip in the same run,"
+            f" {value['echo_cpu_us_per_round_trip']:.0f} us here)")
     if {"session_kib", "echo_conn_kib"} <= set(value):
         notes.append(
             f"memory: a bare trio-websocket TLS connection costs {value['echo_conn_kib']:.1f} KiB"

@@ -29,7 +29,7 @@ from bench.report import (
     validate_results,
     write_results,
 )
-from bench.suite import QUICK, SMOKE, percentile, run_plan
+from bench.suite import QUICK, SMOKE, Results, interpret, percentile, run_plan
 from statemachine.effects import SendReply
 from statemachine.messages import HeartbeatResponse
 
@@ -123,6 +123,20 @@ def test_render_writes_the_page_and_the_chart(tmp_path: Path) -> None:
 
 def test_markdown_without_a_chart_has_no_image() -> None:
     assert "![" not in render_markdown(synthetic(), None)
+
+
+def test_interpret_puts_each_figure_next_to_its_transport_twin() -> None:
+    results = Results()
+    for name, value in [("echo_cpu_us_per_round_trip", 100.0), ("gateway_cpu_us_per_heartbeat",
+                        125.0), ("session_kib", 43.0), ("echo_conn_kib", 39.0)]:
+        results.put(name, value, "unit")
+    results.details["outputs"] = {"stored": 1_000_000, "gateway_cpu_s": 18.0, "elapsed_s": 20.0}
+    interpret(results, cores=2, load=3.0)
+    text = "\n".join(results.notes)
+    assert "load average 3.0 on 2 cores" in text
+    assert "the gateway's own work is 25 us per heartbeat (the ratio of the two is 0.80)" in text
+    assert "18.0 us of CPU per durable event, 0.90 cores busy" in text
+    assert "its own share is 4.0 KiB" in text
 
 
 def test_percentile_is_nearest_rank() -> None:
