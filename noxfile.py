@@ -116,7 +116,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench_smoke(session: nox.Session) -> None:
-    """Run every bench phase at toy sizes (about a minute), so a broken suite is caught early."""
+    """Run every bench phase at toy sizes (under a minute), so a broken suite is caught early."""
     session.install(".[dev,bench]")
     session.run("python", "-m", "bench", "--smoke", *session.posargs)
 

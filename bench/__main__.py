@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true",
                       help="smaller phases (under 3 minutes on 2 cores); sessions_held 2 000")
     size.add_argument("--smoke", action="store_true",
-                      help="toy sizes (about a minute) that check the suite works; write the"
+                      help="toy sizes (under a minute) that check the suite works; write the"
                            " results elsewhere (--results, --docs): its figures mean nothing")
     parser.add_argument("--only", nargs="+", choices=PHASES, default=list(PHASES),
                         help="run only these phases (results are then printed, not written)")

@@ -100,7 +100,7 @@ SMOKE = Plan(
     hold_sessions=HELD_SESSIONS["smoke"], hold_generators=1, hold_window_s=2.0,
     heartbeat_interval_ms=1_000,
 )
-"""Every phase, every process and every file the suite writes, at toy sizes (about a minute):
+"""Every phase, every process and every file the suite writes, at toy sizes (under a minute):
 what `nox` runs so a change that breaks the suite is caught before anyone needs a real run."""
 
 
