@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 # bench/ is not part of the wheel: the suite runs from the checkout, and so do these tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.heap import owner
 from bench.machine import describe
 from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
 from bench.report import (
@@ -137,6 +139,25 @@ def test_interpret_puts_each_figure_next_to_its_transport_twin() -> None:
     assert "the gateway's own work is 25 us per heartbeat (the ratio of the two is 0.80)" in text
     assert "18.0 us of CPU per durable event, 0.90 cores busy" in text
     assert "its own share is 4.0 KiB" in text
+
+
+def stack(*innermost_first: str) -> tracemalloc.Traceback:
+    return tracemalloc.Traceback(tuple((name, 1) for name in innermost_first))
+
+
+def test_heap_charges_an_allocation_to_the_library_that_asked_for_it() -> None:
+    site = "/venv/lib/python3.11/site-packages/"
+    event_init = "<attrs generated methods trio._sync.Event>"
+    # trio's own frames are skipped while a library that called into trio is on the stack ...
+    assert owner(stack(event_init, site + "trio/_core/_run.py",
+                       site + "trio_websocket/_impl.py", "/work/gateway/service.py")) == (
+        "trio-websocket")
+    assert owner(stack("/work/statemachine/hub.py", "/work/gateway/service.py")) == (
+        "gateway (core)")
+    assert owner(stack(site + "trio/_ssl.py", site + "trio/_core/_run.py")) == "trio TLS stream"
+    # ... and count when nothing else is.
+    assert owner(stack(site + "trio/_core/_run.py", "<frozen runpy>")) == "trio core"
+    assert owner(stack("<frozen runpy>")) == "other"
 
 
 def test_percentile_is_nearest_rank() -> None:
