@@ -429,10 +429,8 @@ async def run_batch(gw: GatewayThread, cases: Sequence[Hostile], *,
                     await hostile.connect()
                 if case.attached and not hostile.attached:
                     await hostile.attach()
-                data = (case.data.replace(RUN.encode(), hostile.run_id.encode())
-                        .replace(SES.encode(), hostile.session_id.encode())
-                        .replace(OTHER_RUN.encode(), witness.run_id.encode())
-                        .replace(OTHER_SES.encode(), witness.session_id.encode()))
+                data = as_sent(case.data, hostile.run_id, hostile.session_id, witness.run_id,
+                               witness.session_id)
                 if case.size is not None:
                     data = data.replace(PAD.encode(), b"x" * (case.size - len(data) + len(PAD)))
                     assert len(data) == case.size
@@ -556,9 +554,25 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+def as_sent(data: bytes, run_id: str, session_id: str, other_run_id: str,
+            other_session_id: str) -> bytes:
+    """A case's bytes with its placeholders replaced by the batch's real ids."""
+    return (data.replace(RUN.encode(), run_id.encode())
+            .replace(SES.encode(), session_id.encode())
+            .replace(OTHER_RUN.encode(), other_run_id.encode())
+            .replace(OTHER_SES.encode(), other_session_id.encode()))
+
+
+# Shaped like the real ids, which is all that decides whether the sent text is JSON: a backslash
+# put before a placeholder becomes `\r` or `\s` once it is filled, and `\r` is a valid escape.
+_STAND_INS = ("run_0123456789ab", "ses_0123456789ab", "run_ba9876543210", "ses_ba9876543210")
+
+
 def _is_json(text: str) -> bool:
+    """Whether `text` is JSON as it will be sent (placeholders filled)."""
     try:
-        json.loads(text)
+        sent = as_sent(text.encode("utf-8", "surrogatepass"), *_STAND_INS)
+        json.loads(sent.decode("utf-8", "surrogatepass"))
     except ValueError:
         return False
     return True
