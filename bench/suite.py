@@ -93,7 +93,9 @@ FULL = Plan(
 )
 SMOKE = Plan(
     mode="smoke", statemachine_steps=2_000, codec_loops=200, codec_repeats=1,
-    ratio_connections=10, ratio_pairs=1, ratio_round_s=0.5, ratio_warmup_s=0.2,
+    # As many connections as the real runs: fewer would each go past the gateway's default
+    # per-connection rate limit (200 commands/s) on a fast machine, and get refusals.
+    ratio_connections=100, ratio_pairs=1, ratio_round_s=0.5, ratio_warmup_s=0.2,
     attach_runtimes=20, attach_generators=1, attach_rounds=1,
     output_runtimes=2, output_batches=5, output_duration_s=1.0,
     input_runtimes=2, input_posts=2, http_runs=5,
