@@ -5,41 +5,58 @@ it. The server runs under `bench.traced`; a load generator opens N idle TLS WebS
 leased sessions for the gateway); the Python heap before and after is compared, and each
 allocation is charged to the innermost frame of its stack that belongs to a known owner (the
 gateway, trio-websocket, wsproto, h11, trio's TLS and socket layers, trio itself). What OpenSSL
-allocates is outside Python's heap: it is the RSS figure minus the traced one.
+and the allocator hold is outside Python's heap: the untraced RSS per connection (`nox -s bench`'s
+`echo_conn_kib` and `session_kib`) minus the traced heap.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import signal
+import ssl
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from types import ModuleType
 
+import h11
 import orjson
 import trio
+import trio_websocket
+import wsproto
 
+import gateway
+import statemachine
+from bench import echo_server
 from bench.procs import ECHO_LINE, RUNTIME_LINE, Child, child, gateway_command, module_command
 from bench.seed import seed_runs
 from bench.tls import make_tls
 from gateway.limits import raise_nofile
 
-# Path fragments, most specific first: an allocation is charged to the first one found, walking
-# its stack from the allocating frame outwards.
-OWNERS = (
-    ("/gateway/", "gateway"),
-    ("/statemachine/", "gateway (core)"),
-    ("/bench/echo_server", "echo server"),
-    ("trio_websocket/", "trio-websocket"),
-    ("wsproto/", "wsproto"),
-    ("h11/", "h11"),
-    ("trio/_ssl", "trio TLS stream"),
-    ("/ssl.py", "ssl module"),
-    ("trio/_highlevel", "trio sockets and listeners"),
-    ("trio/", "trio core"),
+
+def _where(module: ModuleType) -> str:
+    """The directory a package's files live in (as the traced server imports them too)."""
+    return str(Path(str(module.__file__)).parent) + os.sep
+
+
+# Path prefixes, most specific first: an allocation is charged to the first one found, walking
+# its stack from the allocating frame outwards. The server runs on this interpreter and
+# checkout, so its frames carry these very paths.
+OWNERS: tuple[tuple[str, str], ...] = (
+    (_where(gateway), "gateway"),
+    (_where(statemachine), "gateway (core)"),
+    (str(Path(echo_server.__file__)), "echo server"),
+    (_where(trio_websocket), "trio-websocket"),
+    (_where(wsproto), "wsproto"),
+    (_where(h11), "h11"),
+    (_where(trio) + "_ssl.py", "trio TLS stream"),
+    (str(ssl.__file__), "ssl module"),
+    (_where(trio) + "_highlevel", "trio sockets and listeners"),
+    (_where(trio), "trio core"),
 )
 
 
@@ -51,7 +68,7 @@ def owner(trace: tracemalloc.Traceback) -> str:
     """
     found = "other"
     for frame in reversed(trace):  # tracemalloc lists the outermost frame first
-        name = next((name for fragment, name in OWNERS if fragment in frame.filename), None)
+        name = next((name for prefix, name in OWNERS if frame.filename.startswith(prefix)), None)
         if name == "trio core":
             found = name
         elif name is not None:
