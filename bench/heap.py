@@ -37,6 +37,8 @@ from bench.seed import seed_runs
 from bench.tls import make_tls
 from gateway.limits import raise_nofile
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _where(module: ModuleType) -> str:
     """The directory a package's files live in (as the traced server imports them too)."""
@@ -60,35 +62,48 @@ OWNERS: tuple[tuple[str, str], ...] = (
 )
 
 
-def owner(trace: tracemalloc.Traceback) -> str:
-    """Who caused an allocation: the innermost frame of its stack with a known owner.
+def owning_frame(trace: tracemalloc.Traceback) -> tuple[str, tracemalloc.Frame | None]:
+    """Who caused an allocation, and the line of theirs that did: the innermost frame of its
+    stack with a known owner.
 
     trio's own frames count only when nothing else is on the stack: a task, a nursery or an
-    event is charged to the library that asked trio for it.
+    event is charged to the library that asked trio for it (at the line that asked).
     """
-    found = "other"
+    found: tuple[str, tracemalloc.Frame | None] = ("other", None)
     for frame in reversed(trace):  # tracemalloc lists the outermost frame first
         name = next((name for prefix, name in OWNERS if frame.filename.startswith(prefix)), None)
         if name == "trio core":
-            found = name
+            found = (name, frame)
         elif name is not None:
-            return name
+            return name, frame
     return found
 
 
-def breakdown(before: Path, after: Path, connections: int) -> tuple[dict[str, float], list[str]]:
-    """KiB per connection by owner, and the allocating lines that grew most."""
+def owner(trace: tracemalloc.Traceback) -> str:
+    """Who caused an allocation (see `owning_frame`)."""
+    return owning_frame(trace)[0]
+
+
+def breakdown(
+    before: Path, after: Path, connections: int
+) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """KiB per connection by owner, and each owner's own lines that caused the most of it."""
     growth = tracemalloc.Snapshot.load(str(after)).compare_to(
         tracemalloc.Snapshot.load(str(before)), "traceback"
     )
     owners: collections.Counter[str] = collections.Counter()
-    lines: collections.Counter[str] = collections.Counter()
+    lines: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for stat in growth:
-        owners[owner(stat.traceback)] += stat.size_diff
-        frame = stat.traceback[-1]
-        lines[f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"] += stat.size_diff
+        name, frame = owning_frame(stat.traceback)
+        owners[name] += stat.size_diff
+        if frame is not None:
+            where = f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
+            lines[name][where.removeprefix(str(ROOT) + os.sep)] += stat.size_diff
     per = 1024 * connections
-    top = [f"{size / per:6.2f} KiB  {line}" for line, size in lines.most_common(12)]
+    top = {
+        name: [f"{size / per:6.2f} KiB  {line}" for line, size in lines[name].most_common(4)]
+        for name in owners
+    }
     return {name: size / per for name, size in owners.most_common()}, top
 
 
@@ -139,9 +154,8 @@ async def measure(server_kind: str, connections: int, work: Path) -> None:
           " difference is what OpenSSL and the allocator hold outside Python's heap.)")
     for name, kib in owners.items():
         if abs(kib) >= 0.01:
-            print(f"  {kib:6.2f} KiB  {name}")
-    print("allocating lines that grew most:")
-    print("\n".join(f"  {line}" for line in top))
+            print(f"  {kib:6.2f} KiB  {name}, most of it from:")
+            print("\n".join(f"      {line}" for line in top[name]))
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import pytest
 # bench/ is not part of the wheel: the suite runs from the checkout, and so do these tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.heap import OWNERS, owner
+from bench.heap import OWNERS, owner, owning_frame
 from bench.machine import describe
 from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
 from bench.report import (
@@ -161,6 +161,20 @@ def test_heap_charges_an_allocation_to_the_library_that_asked_for_it() -> None:
     # A checkout that happens to sit in a directory named like a package is still judged by
     # where each package really lives.
     assert owner(stack("/home/me/gateway/bench/loadgen.py")) == "other"
+
+
+def test_heap_names_the_line_of_the_library_that_asked() -> None:
+    where = {name: prefix for prefix, name in OWNERS}
+    trace = tracemalloc.Traceback((
+        ("<attrs generated methods trio._sync.Event>", 2),
+        (where["trio core"] + "_core/_run.py", 10),
+        (where["gateway"] + "links.py", 42),
+        (where["gateway"] + "service.py", 7),
+    ))
+    name, frame = owning_frame(trace)
+    assert frame is not None
+    assert (name, frame.filename, frame.lineno) == ("gateway", where["gateway"] + "links.py", 42)
+    assert owning_frame(stack("<frozen runpy>")) == ("other", None)
 
 
 def test_percentile_is_nearest_rank() -> None:
