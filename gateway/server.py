@@ -64,22 +64,27 @@ class RuntimeEndpoint:
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: one call per handshake, for the connection's whole life."""
+        # The connection is served from this frame, not from a helper's: every idle session
+        # holds its suspended frames, and every send and receive passes through them.
         try:
-            await self._handle(request)
+            principal = await self._admit(request)
+            if principal is not None:
+                await self.gateway.serve_connection(await request.accept(), principal)
         except Exception:
             # One connection's failure must never take the server (and every other runtime) down.
             log.exception("runtime connection failed")
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _admit(self, request: WebSocketRequest) -> str | None:
+        """The run this handshake may act for; None once it has been refused with its reason."""
         if request.path.partition("?")[0] != "/runtime":
             await _reject(request, 404, "not-found", "the runtime endpoint is /runtime")
-            return
+            return None
         if self.gateway.draining:
             await _reject(request, 503, "draining", "the gateway is restarting; retry shortly")
-            return
+            return None
         if len(self.gateway.links) >= self.settings.max_sessions:
             await _reject(request, 503, "too-many-connections", "the gateway is full; retry later")
-            return
+            return None
         token = bearer_token(request.headers)
         principal = await self.gateway.authenticate(token) if token else None
         if principal is None:
@@ -89,9 +94,7 @@ class RuntimeEndpoint:
                 "unauthorized",
                 "send Authorization: Bearer <the runtime token issued for your run>",
             )
-            return
-        ws = await request.accept()
-        await self.gateway.serve_connection(ws, principal)
+        return principal
 
 
 async def serve_runtime(

@@ -324,7 +324,13 @@ class Gateway:
                 )
                 self.links[conn_id] = link
                 await self.feed(ConnectionOpened(conn_id, principal, self.clock.now()), conn_id)
-                await self._read_frames(link)
+                # The read loop is written out here, not in a helper: every idle session holds
+                # its suspended frames, and every send and receive passes through them.
+                try:
+                    while not link.closing:
+                        await self.on_message(link, await ws.get_message())
+                except ConnectionClosed:
+                    pass
                 nursery.cancel_scope.cancel()
         finally:
             self.links.pop(conn_id, None)
@@ -338,14 +344,6 @@ class Gateway:
                 self.metrics.closes.labels(str(int(link.close_code))).inc()
             if not self.links:
                 self._no_links.set()
-
-    async def _read_frames(self, link: Link) -> None:
-        try:
-            while not link.closing:
-                message = await link.ws.get_message()
-                await self.on_message(link, message)
-        except ConnectionClosed:
-            return
 
     async def on_message(self, link: Link, message: str | bytes) -> None:
         """Decode one frame and feed it to the core; a bad frame gets its error and nothing else."""
