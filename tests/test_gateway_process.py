@@ -12,7 +12,34 @@ import httpx
 import trio
 from e2e_support import ADMIN_TOKEN, CertificateAuthority
 from process_support import GatewayProcess
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+ATTACH = "runtime.session.attach.command"
+OUTPUT = "runtime.task.output.event"
+KV_SET = "runtime.session.kv.set.command"
+KV_GET = "runtime.session.kv.get.command"
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    """The handshake header that authenticates a runtime."""
+    return [(b"authorization", f"Bearer {token}".encode())]
+
+
+def attach_payload(run_id: str, capabilities: list[str], **more: Any) -> dict[str, Any]:
+    """An attach command's payload for the runtime instance these tests play."""
+    return {"runId": run_id, "runtimeInstanceId": "rt", "protocolVersion": "v1",
+            "capabilities": capabilities, **more}
+
+
+async def ask(
+    ws: WebSocketConnection, channel: str, request_id: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """Send one command as raw JSON; the payload of the frame that answers it (the next one)."""
+    await ws.send_message(json.dumps({"channel": channel, "id": request_id, "payload": payload}))
+    answer = json.loads(await ws.get_message())
+    assert answer["id"] == request_id, answer
+    reply: dict[str, Any] = answer["payload"]
+    return reply
 
 
 async def register(control_url: str, **body: Any) -> tuple[str, str]:
@@ -126,61 +153,21 @@ async def test_sigkill_and_restart_lose_nothing_acknowledged(tmp_path: Path) -> 
         run_id, token = await register(first.control_url)
 
         async def runtime() -> None:
-            headers = [(b"authorization", f"Bearer {token}".encode())]
             try:
                 async with open_websocket_url(
-                    first.runtime_url, ssl_context=context, extra_headers=headers
+                    first.runtime_url, ssl_context=context, extra_headers=bearer(token)
                 ) as ws:
-                    await ws.send_message(
-                        json.dumps(
-                            {
-                                "channel": "runtime.session.attach.command",
-                                "id": "a",
-                                "payload": {
-                                    "runId": run_id,
-                                    "runtimeInstanceId": "rt",
-                                    "protocolVersion": "v1",
-                                    "capabilities": ["kv.write"],
-                                },
-                            }
-                        )
-                    )
-                    session_id = json.loads(await ws.get_message())["payload"]["sessionId"]
-                    ids = {"sessionId": session_id, "runId": run_id}
+                    attached = await ask(ws, ATTACH, "a", attach_payload(run_id, ["kv.write"]))
+                    ids = {"sessionId": attached["sessionId"], "runId": run_id}
                     for seq in range(100_000):
-                        await ws.send_message(
-                            json.dumps(
-                                {
-                                    "channel": "runtime.task.output.event",
-                                    "id": f"o{seq}",
-                                    "payload": {
-                                        **ids,
-                                        "events": [
-                                            {
-                                                "eventId": f"e{seq}",
-                                                "seq": seq,
-                                                "type": "t",
-                                                "data": {"n": seq},
-                                                "timestamp": "2026-11-21T10:00:00Z",
-                                            }
-                                        ],
-                                    },
-                                }
-                            )
-                        )
-                        if json.loads(await ws.get_message())["payload"] == {"accepted": True}:
+                        event = {"eventId": f"e{seq}", "seq": seq, "type": "t",
+                                 "data": {"n": seq}, "timestamp": "2026-11-21T10:00:00Z"}
+                        payload = {**ids, "events": [event]}
+                        if await ask(ws, OUTPUT, f"o{seq}", payload) == {"accepted": True}:
                             acked_outputs.append(seq)
                         key = f"k{seq % 7}"
-                        await ws.send_message(
-                            json.dumps(
-                                {
-                                    "channel": "runtime.session.kv.set.command",
-                                    "id": f"k{seq}",
-                                    "payload": {**ids, "kv": {key: str(seq)}},
-                                }
-                            )
-                        )
-                        if json.loads(await ws.get_message())["payload"] == {"accepted": True}:
+                        payload = {**ids, "kv": {key: str(seq)}}
+                        if await ask(ws, KV_SET, f"k{seq}", payload) == {"accepted": True}:
                             acked_kv[key] = str(seq)
             except (ConnectionClosed, OSError, trio.BrokenResourceError):
                 return  # the gateway died under us: that is the point
@@ -208,41 +195,13 @@ async def test_sigkill_and_restart_lose_nothing_acknowledged(tmp_path: Path) -> 
             assert set(acked_outputs) <= set(seqs), "every acknowledged event survived"
             assert len(seqs) == len(set(seqs)), "and exactly once"
         # The runtime comes back (higher epoch) and finds every acknowledged KV write.
-        headers = [(b"authorization", f"Bearer {token}".encode())]
         async with open_websocket_url(
-            second.runtime_url, ssl_context=context, extra_headers=headers
+            second.runtime_url, ssl_context=context, extra_headers=bearer(token)
         ) as ws:
-            await ws.send_message(
-                json.dumps(
-                    {
-                        "channel": "runtime.session.attach.command",
-                        "id": "a",
-                        "payload": {
-                            "runId": run_id,
-                            "runtimeInstanceId": "rt",
-                            "protocolVersion": "v1",
-                            "reconnect": True,
-                            "connectionEpoch": 1,
-                            "capabilities": ["kv.read"],
-                        },
-                    }
-                )
-            )
-            session_id = json.loads(await ws.get_message())["payload"]["sessionId"]
-            await ws.send_message(
-                json.dumps(
-                    {
-                        "channel": "runtime.session.kv.get.command",
-                        "id": "g",
-                        "payload": {
-                            "sessionId": session_id,
-                            "runId": run_id,
-                            "keys": sorted(acked_kv),
-                        },
-                    }
-                )
-            )
-            kv = json.loads(await ws.get_message())["payload"]["kv"]
+            comeback = attach_payload(run_id, ["kv.read"], reconnect=True, connectionEpoch=1)
+            attached = await ask(ws, ATTACH, "a", comeback)
+            ids = {"sessionId": attached["sessionId"], "runId": run_id}
+            kv = (await ask(ws, KV_GET, "g", {**ids, "keys": sorted(acked_kv)}))["kv"]
             for key, value in acked_kv.items():
                 assert int(kv[key]) >= int(value), f"{key}: acknowledged {value}, found {kv[key]}"
         second.terminate()
