@@ -515,6 +515,14 @@ def interpret(results: Results, cores: int, load: float) -> None:
             f"CPU per round trip: gateway {gateway:.0f} us per heartbeat, echo server {echo:.0f} us"
             f" per echo; the gateway's own work is {gateway - echo:.0f} us per heartbeat (the"
             f" ratio of the two is {echo / gateway:.2f})")
+    pairs = sorted(results.details.get("ratio", {}).get("pair_ratios", []))
+    if len(pairs) >= 4:
+        quarter = len(pairs) // 4
+        notes.append(
+            f"heartbeat_ratio is the median of {len(pairs)} pairs of back-to-back rounds, which"
+            f" ranged from {pairs[0]:.2f} to {pairs[-1]:.2f} (middle half {pairs[quarter]:.2f}-"
+            f"{pairs[-1 - quarter]:.2f}): on a shared host one run's ratio moves by about that"
+            " much, so read it with the CPU ratio above")
     outputs = results.details.get("outputs")
     if outputs and outputs["stored"] and "echo_cpu_us_per_round_trip" in value:
         notes.append(

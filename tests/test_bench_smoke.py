@@ -133,12 +133,15 @@ def test_interpret_puts_each_figure_next_to_its_transport_twin() -> None:
                         125.0), ("session_kib", 43.0), ("echo_conn_kib", 39.0)]:
         results.put(name, value, "unit")
     results.details["outputs"] = {"stored": 1_000_000, "gateway_cpu_s": 18.0, "elapsed_s": 20.0}
+    results.details["ratio"] = {"pair_ratios": [0.9, 0.7, 0.85, 0.8, 0.95, 0.75, 0.88, 0.82]}
     interpret(results, cores=2, load=3.0)
     text = "\n".join(results.notes)
     assert "load average 3.0 on 2 cores" in text
     assert "the gateway's own work is 25 us per heartbeat (the ratio of the two is 0.80)" in text
     assert "18.0 us of CPU per durable event, 0.90 cores busy" in text
     assert "its own share is 4.0 KiB" in text
+    assert "median of 8 pairs of back-to-back rounds, which ranged from 0.70 to 0.95" in text
+    assert "(middle half 0.80-0.88)" in text
 
 
 def stack(*innermost_first: str) -> tracemalloc.Traceback:
