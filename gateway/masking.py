@@ -6,6 +6,10 @@ values of `data` become `***`; `eventId` and `type` must keep matching their sch
 there the value becomes `masked` (the same every time, so an idempotent re-publish still matches
 what was stored). Values shorter than `MIN_SECRET_LENGTH` are not masked: masking "1" or "yes"
 everywhere would destroy output and protect nothing.
+
+A marker can itself spell a secret, or spell one with the text around it (a secret "mask" in
+`evt-mask-1` would come back as `evt-masked-1`; "ked-" would reappear at the seam). A string still
+showing a secret after masking is replaced whole by a marker shorter than any maskable secret.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from statemachine.messages import OutputEvent
 MASK = "***"
 MASK_IN_IDS = "masked"  # matches the eventId and type patterns, unlike MASK
 MIN_SECRET_LENGTH = 4
+# Too short to hold any secret that is masked; what a string becomes when masking left one in view.
+WHOLE_MASK = "***"
+WHOLE_MASK_IN_IDS = "xxx"
 
 
 def mask_events(
@@ -35,9 +42,9 @@ def mask_events(
     return [
         evolve(
             event,
-            event_id=_mask(event.event_id, values, MASK_IN_IDS),
-            type=_mask(event.type, values, MASK_IN_IDS),
-            data=_mask(event.data, values, MASK),
+            event_id=_mask(event.event_id, values, MASK_IN_IDS, WHOLE_MASK_IN_IDS),
+            type=_mask(event.type, values, MASK_IN_IDS, WHOLE_MASK_IN_IDS),
+            data=_mask(event.data, values, MASK, WHOLE_MASK),
         )
         for event in events
     ]
@@ -55,14 +62,20 @@ def _may_contain(events: Sequence[OutputEvent], secrets: list[str]) -> bool:
     return any(orjson.dumps(secret)[1:-1] in text for secret in secrets)
 
 
-def _mask(value: Any, secrets: list[str], mask: str) -> Any:
+def _mask(value: Any, secrets: list[str], mask: str, whole: str) -> Any:
     if isinstance(value, str):
+        masked = value
         for secret in secrets:  # longest first, so a secret containing another is masked whole
-            if secret in value:
-                value = value.replace(secret, mask)
-        return value
+            if secret in masked:
+                masked = masked.replace(secret, mask)
+        if masked is not value and any(secret in masked for secret in secrets):
+            return whole  # the marker, alone or with its neighbours, spelled a secret
+        return masked
     if isinstance(value, dict):
-        return {_mask(k, secrets, mask): _mask(v, secrets, mask) for k, v in value.items()}
+        return {
+            _mask(k, secrets, mask, whole): _mask(v, secrets, mask, whole)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_mask(item, secrets, mask) for item in value]
+        return [_mask(item, secrets, mask, whole) for item in value]
     return value
