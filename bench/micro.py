@@ -139,3 +139,31 @@ async def shell_us_per_heartbeat(heartbeats: int, repeats: int) -> float:
             nursery.cancel_scope.cancel()
     return best * 1e6
 
+
+async def store_read_cpu_us(lookups: int, concurrency: int) -> float:
+    """Process CPU (every thread) per token lookup on the SQLite store, `concurrency` at a time.
+
+    A read's trip to a worker thread costs more than the read; reads waiting together share one
+    trip (`gateway.store.sqlite`), which is what a reconnect storm of attaches needs. Comparing
+    concurrency 1 and 100 shows whether they do.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as scratch:
+        async with open_sqlite_store(Path(scratch) / "store.sqlite3") as store:
+            digests = [bytes([n]) * 32 for n in range(100)]
+            for number, digest in enumerate(digests):
+                await store.create_run(RunGrant(f"run-{number}", frozenset(), {}, {}, "v1"), digest)
+
+            each = max(1, lookups // concurrency)
+
+            async def lookups_of(task: int) -> None:
+                for n in range(each):
+                    if await store.run_for_token(digests[(task + n) % len(digests)]) is None:
+                        raise RuntimeError("a seeded token was not found")
+
+            start = time.process_time()
+            async with trio.open_nursery() as nursery:
+                for task in range(concurrency):
+                    nursery.start_soon(lookups_of, task)
+            spent = time.process_time() - start
+    return spent / (each * concurrency) * 1e6
+

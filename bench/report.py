@@ -202,7 +202,9 @@ _METHOD = [
     " `bench/codec_bench.py`; `shell_us_per_heartbeat` is `Gateway.on_message` on heartbeat"
     " frames of an attached session with the transport left out (a WebSocket stand-in that takes"
     " every frame at once): the gateway's own work per heartbeat, without the live server's"
-    " cache misses between frames.",
+    " cache misses between frames; `store_read_cpu_us` and `store_read_cpu_us_x100` are the"
+    " process CPU (all threads) per token lookup on the SQLite store, one at a time and 100 at"
+    " once (what an attach storm asks of it).",
 ]
 
 

@@ -180,6 +180,11 @@ class Bench:
         self.results.put("jsonschema_us_per_frame", theirs, "us")
         shell = await micro.shell_us_per_heartbeat(self.plan.codec_loops, self.plan.codec_repeats)
         self.results.put("shell_us_per_heartbeat", shell, "us")
+        lookups = self.plan.codec_loops // 5
+        alone = await micro.store_read_cpu_us(lookups, 1)
+        self.results.put("store_read_cpu_us", alone, "us")
+        together = await micro.store_read_cpu_us(lookups, 100)
+        self.results.put("store_read_cpu_us_x100", together, "us")
 
     # --- phase 2: throughput --------------------------------------------------------------------
 

@@ -16,7 +16,14 @@ import pytest
 import trio
 
 from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
-from gateway.store.sqlite import SQLiteStore, _Request, _run_group, open_sqlite_store
+from gateway.store.sqlite import (
+    READ_GROUP,
+    SQLiteStore,
+    _Request,
+    _run_group,
+    _run_reads,
+    open_sqlite_store,
+)
 from statemachine.inputs import AppendOutcome, Written
 from statemachine.messages import Capability, Millis, OutputEvent
 from statemachine.records import RunGrant, SessionRecord, SessionState
@@ -432,6 +439,75 @@ async def test_a_failed_commit_fails_every_caller_of_the_group() -> None:
         assert isinstance(request.error, StoreError)
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM p").fetchone() == (0,)
+
+
+def _select(value: int) -> Any:
+    def read(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT ?", (value,)).fetchone()[0])
+
+    return read
+
+
+def _broken_sql(conn: sqlite3.Connection) -> Any:
+    return conn.execute("SELECT * FROM no_such_table").fetchall()
+
+
+def _bug(conn: sqlite3.Connection) -> Any:
+    raise KeyError("a bug in a read")
+
+
+async def test_reads_run_together_each_answering_its_own_caller() -> None:
+    conn = _scratch()
+    group = [_Request(_select(1)), _Request(_broken_sql), _Request(_bug), _Request(_select(4))]
+    _run_reads(conn, group)
+    assert all(request.answered for request in group)
+    assert [group[0].result, group[3].result] == [1, 4]
+    assert isinstance(group[1].error, StoreError)  # SQLite's errors become the store's
+    assert isinstance(group[2].error, KeyError)  # a bug is not disguised
+
+
+async def test_many_concurrent_reads_each_get_their_own_answer(store: SQLiteStore) -> None:
+    # More reads than a group holds, from many tasks at once, failures among them: each caller
+    # gets exactly its own answer or its own error.
+    answers: dict[int, Any] = {}
+
+    async def one(number: int) -> None:
+        fn = _broken_sql if number % 7 == 0 else _select(number)
+        try:
+            answers[number] = await store._read(fn)
+        except StoreError as error:
+            answers[number] = error
+
+    async with trio.open_nursery() as nursery:
+        for number in range(READ_GROUP * 8):
+            nursery.start_soon(one, number)
+    for number, answer in answers.items():
+        if number % 7 == 0:
+            assert isinstance(answer, StoreError)
+        else:
+            assert answer == number
+    assert len(answers) == READ_GROUP * 8
+
+
+async def test_reads_queued_when_the_store_closes_are_all_answered(tmp_path: Path) -> None:
+    outcomes: list[Any] = []
+    async with open_sqlite_store(tmp_path / "gw.sqlite3") as store:
+        await store.create_run(grant("r"), token("r"))
+
+        async def reader() -> None:
+            try:
+                outcomes.append(await store.get_run("r"))
+            except StoreError as error:
+                outcomes.append(error)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(READ_GROUP * 4):
+                    nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()  # every read is queued or running
+                await store.aclose()
+    # Queued reads are still run by the closing store: none waits forever, none is lost.
+    assert outcomes == [grant("r")] * (READ_GROUP * 4)
 
 
 # --- lifecycle ------------------------------------------------------------------------------------
