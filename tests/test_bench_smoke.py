@@ -217,6 +217,6 @@ async def test_the_micro_phase_runs_inside_the_suites_trio_run() -> None:
     results = await run_plan(plan, 1024, ["micro"])
     assert set(results.metrics) == {
         "statemachine_steps_per_s", "codec_us_per_frame", "jsonschema_us_per_frame",
-        "shell_us_per_heartbeat",
+        "shell_us_per_heartbeat", "store_read_cpu_us", "store_read_cpu_us_x100",
     }
     assert all(metric["value"] > 0 for metric in results.metrics.values())
