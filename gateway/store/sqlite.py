@@ -511,23 +511,8 @@ class SQLiteStore:
     async def run_writer(self) -> None:
         """Commit queued writes in groups until the store closes; then fail whatever is left."""
         try:
-            while True:
-                try:
-                    group = [await self._queue.receive()]
-                except trio.EndOfChannel:
-                    return
-                while len(group) < MAX_GROUP:
-                    try:
-                        group.append(self._queue.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                try:
-                    await trio.to_thread.run_sync(_run_group, self._writer, group)
-                finally:
-                    for request in group:
-                        if not request.answered:  # the worker call never ran
-                            request.error = StoreError("the store stopped before this write")
-                        request.done.set()
+            commit = partial(_run_group, self._writer)
+            await _serve_in_groups(self._queue, MAX_GROUP, commit, "write")
         finally:
             # Answer what is still queued before closing: closing drops buffered requests.
             _fail_queued(self._queue, "the store closed before this write ran")
@@ -537,23 +522,7 @@ class SQLiteStore:
     async def run_reader(self, conn: sqlite3.Connection) -> None:
         """Answer queued reads on `conn`, all that are waiting in one worker call, until closed."""
         try:
-            while True:
-                try:
-                    group = [await self._read_queue.receive()]
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    return
-                while len(group) < READ_GROUP:
-                    try:
-                        group.append(self._read_queue.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                try:
-                    await trio.to_thread.run_sync(_run_reads, conn, group)
-                finally:
-                    for request in group:
-                        if not request.answered:  # the worker call never ran
-                            request.error = StoreError("the store stopped before this read")
-                        request.done.set()
+            await _serve_in_groups(self._read_queue, READ_GROUP, partial(_run_reads, conn), "read")
         finally:
             self._readers_running -= 1
             if self._readers_running == 0:
@@ -718,6 +687,35 @@ class SQLiteStore:
             return int(acked), int(last)
 
         return await self._read(read)
+
+
+async def _serve_in_groups(
+    queue: trio.MemoryReceiveChannel[_Request],
+    limit: int,
+    run: Callable[[Sequence[_Request]], None],
+    what: str,
+) -> None:
+    """Run what is queued, up to `limit` requests per worker-thread call, waking each caller.
+
+    Returns once the queue is closed and empty.
+    """
+    while True:
+        try:
+            group = [await queue.receive()]
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        while len(group) < limit:
+            try:
+                group.append(queue.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        try:
+            await trio.to_thread.run_sync(run, group)
+        finally:
+            for request in group:
+                if not request.answered:  # the worker call never ran
+                    request.error = StoreError(f"the store stopped before this {what}")
+                request.done.set()
 
 
 async def _submit(requests: trio.MemorySendChannel[_Request], op: Op) -> Any:
