@@ -63,8 +63,7 @@ OWNERS: tuple[tuple[str, str], ...] = (
 
 
 def owning_frame(trace: tracemalloc.Traceback) -> tuple[str, tracemalloc.Frame | None]:
-    """Who caused an allocation, and the line of theirs that did: the innermost frame of its
-    stack with a known owner.
+    """Who caused an allocation, and their line that did: its stack's innermost owned frame.
 
     trio's own frames count only when nothing else is on the stack: a task, a nursery or an
     event is charged to the library that asked trio for it (at the line that asked).

@@ -166,4 +166,3 @@ async def store_read_cpu_us(lookups: int, concurrency: int) -> float:
                     nursery.start_soon(lookups_of, task)
             spent = time.process_time() - start
     return spent / (each * concurrency) * 1e6
-
