@@ -64,11 +64,12 @@ def _may_contain(events: Sequence[OutputEvent], secrets: list[str]) -> bool:
 
 def _mask(value: Any, secrets: list[str], mask: str, whole: str) -> Any:
     if isinstance(value, str):
-        masked = value
+        masked, replaced = value, False
         for secret in secrets:  # longest first, so a secret containing another is masked whole
             if secret in masked:
-                masked = masked.replace(secret, mask)
-        if masked is not value and any(secret in masked for secret in secrets):
+                masked, replaced = masked.replace(secret, mask), True
+        # Not `masked is not value`: replacing "masked" by "masked" returns the very same string.
+        if replaced and any(secret in masked for secret in secrets):
             return whole  # the marker, alone or with its neighbours, spelled a secret
         return masked
     if isinstance(value, dict):

@@ -139,6 +139,7 @@ def _strings(value: Any) -> list[str]:
 
 @given(secret_values, places, st.integers(min_value=0, max_value=8), st.text(max_size=8))
 @example("mask", "event-id", 0, "")  # the id's marker, "masked", spells the secret itself
+@example("masked", "event-id", 0, "")  # ... or is the secret: the replaced string is unchanged
 @example("ked-", "event-id", 0, "")  # "evt-masked-0": the secret reappears at the marker's seam
 @example("****", "data-value", 0, "*")  # "******" masks to "*****": "***" and its neighbours
 @settings(max_examples=300)
