@@ -536,8 +536,6 @@ class SQLiteStore:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Queue a read and wait for a reader connection to run it; its answer or error is ours."""
-        if self._closed:
-            raise StoreError("the store is closed")
         return cast(T, await _submit(self._reads, fn))
 
     async def aclose(self) -> None:
