@@ -10,11 +10,17 @@ everywhere would destroy output and protect nothing.
 A marker can itself spell a secret, or spell one with the text around it (a secret "mask" in
 `evt-mask-1` would come back as `evt-masked-1`; "ked-" would reappear at the seam). A string still
 showing a secret after masking is replaced whole by a marker shorter than any maskable secret.
+
+Masking can make two keys of one object equal (`token=A` and `token=B` both become `token=***`).
+Keeping one would drop data the gateway accepted, so each key that would land on a name already
+taken gets a spare marker of its own (`**1`, `**2`, ...): as short, so it cannot hold a secret
+either, and chosen in the object's order, so a re-publish masks to the same object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -73,10 +79,49 @@ def _mask(value: Any, secrets: list[str], mask: str, whole: str) -> Any:
             return whole  # the marker, alone or with its neighbours, spelled a secret
         return masked
     if isinstance(value, dict):
-        return {
-            _mask(k, secrets, mask, whole): _mask(v, secrets, mask, whole)
-            for k, v in value.items()
-        }
+        return _mask_object(value, secrets, mask, whole)
     if isinstance(value, list):
         return [_mask(item, secrets, mask, whole) for item in value]
     return value
+
+
+def _mask_object(
+    value: dict[str, Any], secrets: list[str], mask: str, whole: str
+) -> dict[str, Any]:
+    keys = [(_mask(key, secrets, mask, whole), key) for key in value]
+    taken = {new for new, old in keys if new == old}  # keys without a secret keep their names
+    spares: Iterator[str] | None = None
+    masked: dict[str, Any] = {}
+    for new, old in keys:
+        if new != old:
+            if new in taken:  # another key already has this name: both must survive
+                spares = spares or _spare_markers()
+                new = next(marker for marker in spares if marker not in taken)
+            taken.add(new)
+        masked[new] = _mask(value[old], secrets, mask, whole)
+    return masked
+
+
+# Spare markers count in this base: digits, ASCII letters, then the Basic Multilingual Plane from
+# U+00A1 up to the surrogates, so three places are never used up (~1.7e14 keys).
+_SPARE_BASE = 62 + (0xD800 - 0xA1)
+
+
+def _spare_digit(index: int) -> str:
+    if index < 10:
+        return chr(ord("0") + index)
+    if index < 36:
+        return chr(ord("a") + index - 10)
+    if index < 62:
+        return chr(ord("A") + index - 36)
+    return chr(0xA1 + index - 62)
+
+
+def _spare_markers() -> Iterator[str]:
+    """`**1`, `**2`, ...: distinct, at most three characters long (none of them holds a secret)."""
+    for number in itertools.count(1):
+        digits = ""
+        while number:
+            number, index = divmod(number, _SPARE_BASE)
+            digits = _spare_digit(index) + digits
+        yield digits.rjust(len(WHOLE_MASK), "*")

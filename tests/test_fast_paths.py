@@ -3,11 +3,13 @@
 - `strictjson.fast_object` (orjson plus a census) must return what the strict parser returns, or
   defer to it; it must never accept what the strict parser refuses.
 - `masking.mask_events` skips the per-event walk when one search of the batch's JSON finds no
-  secret; it must never skip a batch that holds one, however the secret is escaped.
+  secret; it must never skip a batch that holds one, however the secret is escaped. What it
+  masks must keep every key and value the runtime sent, even where masking makes keys equal.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -23,6 +25,7 @@ from gateway.masking import (
     MIN_SECRET_LENGTH,
     WHOLE_MASK,
     WHOLE_MASK_IN_IDS,
+    _spare_markers,
     mask_events,
 )
 from statemachine.messages import Millis, OutputEvent
@@ -166,3 +169,41 @@ def test_a_batch_without_secrets_is_returned_as_it_came() -> None:
 def test_the_whole_string_markers_are_too_short_to_hold_a_masked_secret() -> None:
     # The fallback's guarantee rests on this: no secret long enough to be masked fits in them.
     assert len(WHOLE_MASK) < MIN_SECRET_LENGTH and len(WHOLE_MASK_IN_IDS) < MIN_SECRET_LENGTH
+
+
+key_parts = st.sampled_from(["", "k=", "***", "**1", "**2", "*", "x"])
+
+
+@given(
+    st.lists(secret_values, min_size=1, max_size=3),
+    st.lists(st.tuples(key_parts, st.integers(min_value=-1, max_value=2), key_parts), max_size=8),
+)
+@example(["AAAA", "BBBB"], [("k=", 0, ""), ("k=", 1, "")])  # both keys mask to "k=***"
+@example(["AAAA"], [("", 0, ""), ("***", -1, "")])  # a masked key lands on one sent as "***"
+@example(["AAAA"], [("***", -1, ""), ("", 0, ""), ("**1", -1, ""), ("x", 0, "")])
+@settings(max_examples=300)
+def test_keys_that_masking_makes_equal_all_survive_without_a_secret(
+    secrets: list[str], parts: list[tuple[str, int, str]]
+) -> None:
+    # Each key is prefix + (one of the secrets, or nothing for -1) + suffix; value = its position.
+    keys = list(dict.fromkeys(
+        f"{before}{secrets[which % len(secrets)] if which >= 0 else ''}{after}"
+        for before, which, after in parts
+    ))
+    data = {key: position for position, key in enumerate(keys)}
+    event = OutputEvent("evt-1", 1, "log.line", {"nested": [data]}, Millis(0))
+    masked = mask_events([event], secrets)[0].data["nested"][0]
+    assert sorted(masked.values()) == list(range(len(keys)))  # no key lost to another
+    for key, position in masked.items():
+        assert not any(s in key for s in secrets if len(s) >= MIN_SECRET_LENGTH), key
+        if not any(s in keys[position] for s in secrets if len(s) >= MIN_SECRET_LENGTH):
+            assert key == keys[position]  # a key without a secret keeps its name
+    again = mask_events([event], secrets)[0].data["nested"][0]
+    assert list(again.items()) == list(masked.items())  # a re-publish masks to the same object
+
+
+def test_spare_markers_are_distinct_and_too_short_to_hold_a_secret() -> None:
+    first = list(itertools.islice(_spare_markers(), 4000))  # past two places of the numbering
+    assert first[:3] == ["**1", "**2", "**3"]
+    assert len(set(first)) == len(first) and WHOLE_MASK not in first
+    assert all(len(marker) < MIN_SECRET_LENGTH for marker in first)
