@@ -21,11 +21,6 @@ class TlsFiles:
         """A client context trusting only this run's CA (what every load generator uses)."""
         return ssl.create_default_context(cafile=str(self.ca))
 
-    def server_context(self) -> ssl.SSLContext:
-        """The server context the gateway builds too (`gateway.embedded.open_gateway`)."""
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.cert, self.key)
-        return context
 
 
 def make_tls(directory: Path) -> TlsFiles:

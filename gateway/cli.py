@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line: `serve` and `demo`."""
     parser = argparse.ArgumentParser(prog="agent-gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway until SIGTERM/SIGINT")
+    serve = commands.add_parser(
+        "serve", help="run the gateway until SIGTERM/SIGINT (SIGHUP reloads the certificate)"
+    )
     _add_settings(serve)
     serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
     demo = commands.add_parser("demo", help="run a gateway and a runtime, narrating each step")
@@ -122,7 +124,7 @@ async def serve(settings: Settings) -> None:
             flush=True,
         )
         settings = attrs.evolve(settings, max_sessions=capacity)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with open_gateway(settings) as running:
             settle_heap()
             stop_watching = watch_collections(running.service.metrics.gc_seconds)
@@ -133,6 +135,9 @@ async def serve(settings: Settings) -> None:
                 if not settings.admin_token:
                     print(f"agent-gateway: admin token {running.admin_token}", flush=True)
             async for signum in signals:
+                if signum == signal.SIGHUP:  # certificates were rotated: serve the new ones
+                    print(f"agent-gateway: SIGHUP: {running.reload_tls()}", flush=True)
+                    continue
                 print(f"agent-gateway: {signal.Signals(signum).name}: draining", flush=True)
                 break
             stop_watching()

@@ -6,6 +6,7 @@ they all run the same thing.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import ssl
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from gateway.devcert import ensure_dev_certificate
 from gateway.server import serve_runtime
 from gateway.service import Gateway
 from gateway.store.sqlite import open_sqlite_store
+from gateway.tls import ReloadableTls, TlsError
+
+log = logging.getLogger("agent_gateway.tls")
 
 
 class ConfigurationError(Exception):
@@ -37,6 +41,23 @@ class RunningGateway:
     admin_token: str
     cert_path: Path
     client_ssl_context: ssl.SSLContext
+    tls: ReloadableTls
+
+    def reload_tls(self) -> str:
+        """Serve the certificate files' current contents to new runtimes (what SIGHUP does).
+
+        Returns what happened, for the operator; a failure keeps the previous certificate.
+        """
+        try:
+            expiry = self.tls.reload()
+        except TlsError as problem:
+            self.service.metrics.tls_reloads.labels("failed").inc()
+            log.error("certificate not reloaded, still serving the previous one: %s", problem)
+            return f"certificate not reloaded, still serving the previous one: {problem}"
+        self.service.metrics.tls_reloads.labels("ok").inc()
+        self.service.metrics.tls_expiry.set(expiry)
+        log.info("certificate reloaded from %s", self.tls.cert)
+        return f"certificate reloaded from {self.tls.cert}"
 
 
 def _tls(settings: Settings) -> tuple[Path, Path]:
@@ -62,16 +83,19 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
     """Start a gateway; on leaving the block, drain it and close the store cleanly."""
     cert_path, key_path = _tls(settings)
     admin_token = _admin_token(settings)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert_path, key_path)
+    try:
+        server_tls = ReloadableTls(cert_path, key_path)
+    except TlsError as problem:
+        raise ConfigurationError(str(problem)) from None
     client_tls = ssl.create_default_context(cafile=str(cert_path))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with open_sqlite_store(settings.database, synchronous=settings.store_sync) as store:
         gateway = Gateway(settings, store)
+        gateway.metrics.tls_expiry.set(server_tls.expires_at)
         await gateway.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(gateway.run_timers)
-            server = await nursery.start(serve_runtime, gateway, settings, server_tls)
+            server = await nursery.start(serve_runtime, gateway, settings, server_tls.listening)
             control_port = await nursery.start(serve_control, gateway, settings, admin_token)
             host = (
                 "localhost" if settings.host in ("127.0.0.1", "::1", "localhost") else settings.host
@@ -84,6 +108,7 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
                     admin_token=admin_token,
                     cert_path=cert_path,
                     client_ssl_context=client_tls,
+                    tls=server_tls,
                 )
                 await gateway.drain()
             finally:

@@ -75,6 +75,17 @@ class Metrics:
             ["generation"],
             registry=self.registry,
         )
+        self.tls_expiry = Gauge(
+            "agent_gateway_tls_certificate_expiry_timestamp_seconds",
+            "When the runtime endpoint's certificate expires (Unix time): alert well before it.",
+            registry=self.registry,
+        )
+        self.tls_reloads = Counter(
+            "agent_gateway_tls_reloads",
+            "Certificate reloads (SIGHUP), by outcome; a failed one keeps the old certificate.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.store_seconds = Histogram(
             "agent_gateway_store_seconds",
             "Store operation latency, by operation.",

@@ -47,6 +47,27 @@ class CertificateAuthority:
         return context
 
 
+def rotate(ca: CertificateAuthority, common_name: str) -> bytes:
+    """Write a new leaf from the same CA over the gateway's files; return the old key's PEM."""
+    old_key = ca.key.read_bytes()
+    leaf = ca.ca.issue_cert("localhost", "127.0.0.1", common_name=common_name)
+    leaf.private_key_pem.write_to_path(str(ca.key))
+    ca.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    return old_key
+
+
+async def served_name(runtime_url: str, ca: CertificateAuthority) -> str:
+    """The common name ("" if none) of the certificate a new handshake to the endpoint is shown."""
+    port = int(runtime_url.rsplit(":", 1)[1].split("/")[0])
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ca.client_context())
+    try:
+        await stream.do_handshake()
+        subject = stream.getpeercert()["subject"]
+    finally:
+        await trio.aclose_forcefully(stream)
+    return next((value for rdn in subject for name, value in rdn if name == "commonName"), "")
+
+
 def settings_for(directory: Path, ca: CertificateAuthority, **overrides: Any) -> Settings:
     """Settings for a gateway on ephemeral loopback ports with this test's CA."""
     values: dict[str, Any] = {

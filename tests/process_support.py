@@ -91,6 +91,11 @@ class GatewayProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
 
+    def hangup(self) -> None:
+        """SIGHUP: reload the TLS certificate."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
     async def wait(self, timeout: float = 30) -> int:
         """The exit code, waiting at most `timeout` seconds."""
         assert self.process is not None

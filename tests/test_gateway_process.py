@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import trio
-from e2e_support import ADMIN_TOKEN, CertificateAuthority
+from e2e_support import ADMIN_TOKEN, CertificateAuthority, rotate, served_name
 from process_support import GatewayProcess
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
@@ -18,6 +18,7 @@ ATTACH = "runtime.session.attach.command"
 OUTPUT = "runtime.task.output.event"
 KV_SET = "runtime.session.kv.set.command"
 KV_GET = "runtime.session.kv.get.command"
+HEARTBEAT = "runtime.session.heartbeat.command"
 
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:
@@ -136,6 +137,28 @@ async def test_an_independent_websockets_client_speaks_the_protocol(tmp_path: Pa
         assert by_id["o1"]["payload"] == {"accepted": True}
         assert by_id["bad"]["channel"] == "runtime.session.error"
         assert by_id["bad"]["payload"]["code"] == "invalid_frame"
+        gateway.terminate()
+        assert await gateway.wait() == 0
+
+
+async def test_sighup_serves_a_rotated_certificate_without_dropping_anyone(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    gateway = GatewayProcess(tmp_path / "data", ca)
+    async with trio.open_nursery() as nursery:
+        await gateway.start(nursery)
+        run_id, token = await register(gateway.control_url)
+        async with open_websocket_url(
+            gateway.runtime_url, ssl_context=ca.client_context(), extra_headers=bearer(token)
+        ) as ws:
+            attached = await ask(ws, ATTACH, "a", attach_payload(run_id, []))
+            rotate(ca, "rotated")
+            gateway.hangup()
+            with trio.fail_after(10):
+                while not any("SIGHUP: certificate reloaded" in line for line in gateway.output):
+                    await trio.sleep(0.02)
+            assert await served_name(gateway.runtime_url, ca) == "rotated"
+            beat = {"sessionId": attached["sessionId"], "runId": run_id}
+            assert (await ask(ws, HEARTBEAT, "h", beat))["accepted"] is True
         gateway.terminate()
         assert await gateway.wait() == 0
 

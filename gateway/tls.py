@@ -1,0 +1,72 @@
+"""The runtime endpoint's certificate, replaced without a restart (`SIGHUP`).
+
+Certificates are rotated (ACME, cert-manager) far more often than a gateway holding thousands of
+sessions should restart. The listener keeps the context it started with; the server-name callback
+that OpenSSL calls in every handshake, with or without SNI, moves the new connection onto the
+newest context that loaded cleanly. A reload builds a whole new context, so a key that does not
+match, a file caught half-written or a missing one leaves the served certificate as it was, and
+connections already open keep theirs either way.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+
+
+class TlsError(Exception):
+    """The certificate or key cannot be loaded (the message names the files, never their text)."""
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context holding this certificate chain and key, or TlsError saying why not."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as problem:
+        # OpenSSL's reason (KEY_VALUES_MISMATCH) says what is wrong, never what the files hold;
+        # unparsable PEM comes without one.
+        reason = problem.reason or "not a PEM certificate chain and its private key"
+        raise TlsError(f"cannot use certificate {cert} with key {key}: {reason}") from None
+    except OSError as problem:
+        raise TlsError(f"cannot read certificate {cert} or key {key}: {problem.strerror}") from None
+    return context
+
+
+def expires_at(cert: Path) -> float:
+    """When the chain's first (leaf) certificate expires, as a Unix time (for the metric)."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (OSError, ValueError) as problem:
+        raise TlsError(f"cannot read the expiry of certificate {cert}: {problem}") from None
+    return leaf.not_valid_after_utc.timestamp()
+
+
+class ReloadableTls:
+    """The context the runtime listener holds, serving whichever certificate loaded last."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert = cert
+        self.key = key
+        self.listening = server_context(cert, key)
+        self.listening.sni_callback = self._choose
+        self.current = self.listening
+        self.expires_at = expires_at(cert)
+
+    def reload(self) -> float:
+        """Serve the files' certificate to new connections; return its expiry (TlsError: kept)."""
+        fresh = server_context(self.cert, self.key)
+        expiry = expires_at(self.cert)
+        self.current, self.expires_at = fresh, expiry
+        return expiry
+
+    def _choose(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+        listening: ssl.SSLContext,
+    ) -> None:
+        # Called by OpenSSL inside every handshake; it must not raise, and only swaps contexts.
+        current = self.current
+        if current is not listening:
+            connection.context = current
