@@ -337,7 +337,9 @@ def _run_id(request: Request) -> str:
     return run_id
 
 
-def _store_failed() -> Problem:
+def _store_failed(failure: StoreError) -> Problem:
+    # The store's own words (SQLite's reason, never a value) tell an operator what to fix.
+    log.error("store failed: %s", failure)
     return Problem(503, "store-unavailable", "the store failed; retry after backing off",
                    headers={"retry-after": "1"})
 
@@ -375,8 +377,8 @@ class _Routes:
         except UnknownRun:
             raise Problem(404, "unknown-main-run", "mainRunId names no live main run (unknown, "
                           "revoked, or itself a sub-run)") from None
-        except StoreError:
-            raise _store_failed() from None
+        except StoreError as failure:
+            raise _store_failed(failure) from None
         body = {"runId": grant.run_id, "runtimeToken": token,
                 "configVersion": grant.config_version}
         if grant.main_run_id is not None:
@@ -388,8 +390,8 @@ class _Routes:
         run_id = _run_id(request)
         try:
             revoked = await self.gateway.revoke_run(run_id)
-        except StoreError:
-            raise _store_failed() from None
+        except StoreError as failure:
+            raise _store_failed(failure) from None
         if not revoked:
             raise Problem(404, "unknown-run", "no live run has this id")
         return Response(status_code=204)
@@ -403,8 +405,8 @@ class _Routes:
             seqs = await self.gateway.post_inputs(run_id, inputs)
         except UnknownRun:
             raise Problem(404, "unknown-run", "no live run has this id") from None
-        except StoreError:
-            raise _store_failed() from None
+        except StoreError as failure:
+            raise _store_failed(failure) from None
         return _json({"seqs": seqs}, 202)
 
     async def read_outputs(self, request: Request) -> Response:
@@ -419,8 +421,8 @@ class _Routes:
             events = await _unless_hung_up(
                 request.receive, partial(self.gateway.wait_outputs, run_id, after, limit, wait_s)
             )
-        except StoreError:
-            raise _store_failed() from None
+        except StoreError as failure:
+            raise _store_failed(failure) from None
         # Encoded one by one so a page stops at MAX_RESPONSE_BYTES, and joined without a copy
         # of the events as dicts.
         parts: list[bytes] = []
@@ -440,8 +442,8 @@ class _Routes:
         run_id = _run_id(request)
         try:
             view = await self.gateway.session_view(run_id)
-        except StoreError:
-            raise _store_failed() from None
+        except StoreError as failure:
+            raise _store_failed(failure) from None
         if view is None:
             raise Problem(404, "unknown-run", "no live run has this id")
         return _json(session_json(view))

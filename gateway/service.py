@@ -280,7 +280,8 @@ class Gateway:
                 with self.metrics.store_op["ack"].time():
                     return await self.store.ack_inputs(effect.run_id, effect.epoch, effect.seq)
         except StoreError as failure:
-            log.error("store failed on %s: %s", type(effect).__name__, type(failure).__name__)
+            # The store's own words (SQLite's reason, never a value) tell an operator what to fix.
+            log.error("store failed on %s: %s", type(effect).__name__, failure)
             return StoreFailed(type(failure).__name__)
         raise TypeError(f"not a store effect: {type(effect).__name__}")
 

@@ -18,6 +18,8 @@ CLASSES: dict[str, str] = {
     "network delay": "loopback proxy delays every chunk in both directions",
     "split brain": "two runtime instances attach the same run with different epochs, "
     "in every order and interleaving",
+    "store full": "the database cannot grow (SQLITE_FULL, as on a full disk), set and lifted "
+    "again and again while runtimes attach, publish, set KV and acknowledge inputs",
     "slow consumer": "a runtime that never reads its frames",
     "command flood": "commands sent faster than the per-connection rate limit",
     "connection overload": "more connections than the configured maximum",

@@ -441,6 +441,38 @@ async def test_a_failed_commit_fails_every_caller_of_the_group() -> None:
     assert conn.execute("SELECT count(*) FROM p").fetchone() == (0,)
 
 
+async def test_a_group_sqlite_rolls_back_whole_fails_every_op_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    # On SQLITE_FULL (a full disk) SQLite undoes the whole transaction itself, not the statement:
+    # every op of the group, the ones before the failing op included, must fail, and say why.
+    conn = sqlite3.connect(tmp_path / "full.db", isolation_level=None, check_same_thread=False)
+    conn.execute("CREATE TABLE p (id INTEGER PRIMARY KEY, pad TEXT)")
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    def grow(conn: sqlite3.Connection) -> None:
+        conn.executemany("INSERT INTO p VALUES (?, ?)", [(n, "x" * 1000) for n in range(2, 50)])
+
+    group = [_Request(_insert_pad(1)), _Request(grow), _Request(_insert_pad(99))]
+    _run_group(conn, group)
+    for request in group:
+        assert request.answered and request.result is None
+        assert isinstance(request.error, StoreError)
+        assert "transaction rolled back" in str(request.error)
+        assert "database or disk is full" in str(request.error)
+    assert not conn.in_transaction
+    assert conn.execute("SELECT count(*) FROM p").fetchone() == (0,)
+
+
+def _insert_pad(value: int) -> Any:
+    def op(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO p VALUES (?, 'x')", (value,))
+        return value
+
+    return op
+
+
 def _select(value: int) -> Any:
     def read(conn: sqlite3.Connection) -> int:
         return int(conn.execute("SELECT ?", (value,)).fetchone()[0])

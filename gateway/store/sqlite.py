@@ -429,12 +429,19 @@ def _run_group(conn: sqlite3.Connection, group: Sequence[_Request]) -> None:
             conn.execute("SAVEPOINT op")
             try:
                 outcomes.append((request.op(conn), None))
-            # Any failure (even a bug) undoes this op alone and goes to its caller.
+            # Any failure (even a bug) undoes this op alone and goes to its caller...
             except Exception as error:
+                if not conn.in_transaction:
+                    # ... unless SQLite rolled the whole transaction back itself, as it does on
+                    # SQLITE_FULL and I/O errors: then no write of the group happened.
+                    failure = StoreError(f"transaction rolled back: {_as_store_error(error)}")
+                    outcomes = [(None, failure)] * len(group)
+                    break
                 conn.execute("ROLLBACK TO op")
                 outcomes.append((None, _as_store_error(error)))
             conn.execute("RELEASE op")
-        conn.execute("COMMIT")
+        else:  # every op ran inside the transaction (after a `break` there is none to commit)
+            conn.execute("COMMIT")
     except sqlite3.Error as error:
         if conn.in_transaction:
             # The connection may be out of its transaction or broken; the failure is reported below.
