@@ -7,7 +7,6 @@ the flags, the variables and the settings object cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 import attrs
 import trio
 
+from gateway import logs
 from gateway.config import Settings
 from gateway.gcwatch import settle_heap, watch_collections
 from gateway.limits import raise_nofile, session_capacity
@@ -99,7 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the gateway until SIGTERM/SIGINT (SIGHUP reloads the certificate)"
     )
     _add_settings(serve)
-    serve.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"),
+        help=f"debug, info, warning or error [env {ENV_PREFIX}LOG_LEVEL; default info]",
+    )
+    serve.add_argument(
+        "--log-format",
+        default=os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text"),
+        help="text lines, or json: one object per line for a log pipeline"
+        f" [env {ENV_PREFIX}LOG_FORMAT; default text]",
+    )
     demo = commands.add_parser("demo", help="run a gateway and a runtime, narrating each step")
     demo.add_argument(
         "--data-dir",
@@ -148,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `agent-gateway` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        try:
+            logs.configure(args.log_level, args.log_format)
+        except ValueError as problem:
+            print(f"agent-gateway: {problem}", file=sys.stderr)
+            return 2
         from gateway.embedded import ConfigurationError
 
         try:

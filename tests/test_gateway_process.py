@@ -143,7 +143,7 @@ async def test_an_independent_websockets_client_speaks_the_protocol(tmp_path: Pa
 
 async def test_sighup_serves_a_rotated_certificate_without_dropping_anyone(tmp_path: Path) -> None:
     ca = CertificateAuthority(tmp_path)
-    gateway = GatewayProcess(tmp_path / "data", ca)
+    gateway = GatewayProcess(tmp_path / "data", ca, "--log-format", "json")
     async with trio.open_nursery() as nursery:
         await gateway.start(nursery)
         run_id, token = await register(gateway.control_url)
@@ -161,6 +161,12 @@ async def test_sighup_serves_a_rotated_certificate_without_dropping_anyone(tmp_p
             assert (await ask(ws, HEARTBEAT, "h", beat))["accepted"] is True
         gateway.terminate()
         assert await gateway.wait() == 0
+    # The log said it too, as JSON lines (`--log-format json`), like every other record.
+    records = [json.loads(line) for line in gateway.output if line.startswith("{")]
+    assert {"logger": "agent_gateway.tls", "level": "INFO"}.items() <= next(
+        r for r in records if r["message"].startswith("certificate reloaded from")
+    ).items()
+    assert any(r["logger"] == "agent_gateway" and "-> leased" in r["message"] for r in records)
 
 
 async def test_sigkill_and_restart_lose_nothing_acknowledged(tmp_path: Path) -> None:
