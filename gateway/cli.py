@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "info"),
-        help=f"debug, info, warning or error [env {ENV_PREFIX}LOG_LEVEL; default info]",
+        help=f"debug, info, warning, error or critical [env {ENV_PREFIX}LOG_LEVEL; default info]",
     )
     serve.add_argument(
         "--log-format",
