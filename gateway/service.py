@@ -203,8 +203,10 @@ class Gateway:
             with self.metrics.store_op["save"].time():
                 try:
                     await self.store.save_session(effect.record)
-                except StoreError:
-                    log.exception("could not save session state of run %s", effect.record.run_id)
+                except StoreError as failure:
+                    # The next change saves the whole state again; the reason, not a traceback.
+                    log.error("could not save session state of run %s: %s",
+                              effect.record.run_id, failure)
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
 
