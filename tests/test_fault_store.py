@@ -163,7 +163,9 @@ async def post_inputs(harness: Harness, run_id: str, count: int) -> int:
 async def _drill(tmp_path: Path, runs: int, steps: int, inputs: int, period_s: float,
                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="agent_gateway")
-    async with gateway_for_test(tmp_path) as harness:
+    # No rate limit: retries after each refusal would otherwise meet it on a fast machine.
+    unlimited = {"command_rate": 1e6, "command_burst": 1e6}
+    async with gateway_for_test(tmp_path, **unlimited) as harness:
         store = cast(SQLiteStore, harness.running.service.store)
         disk = DiskFull(store)
         runtimes = [Runtime(harness, *await harness.create_run()) for _ in range(runs)]
@@ -183,23 +185,25 @@ async def _drill(tmp_path: Path, runs: int, steps: int, inputs: int, period_s: f
                         working.start_soon(post)
                 stop.set()
 
-        lost = 0
+        problems: list[str] = []  # acknowledged data missing, or a guarantee broken
         for runtime in runtimes:
             stored = await store.read_outputs(runtime.run_id, -1, steps + 10)
-            log_ok = [(e.seq, e.event_id) for e in stored] == [(s, f"e{s}") for s in range(steps)]
+            if [(e.seq, e.event_id) for e in stored] != [(s, f"e{s}") for s in range(steps)]:
+                problems.append(f"{runtime.run_id} log: {[e.seq for e in stored]}")
+            if runtime.acked_outputs != list(range(steps)):
+                problems.append(f"{runtime.run_id} acknowledged: {runtime.acked_outputs}")
             kv = await store.kv_get(runtime.run_id, sorted(runtime.acked_kv))
+            if kv != runtime.acked_kv:
+                problems.append(f"{runtime.run_id} kv: {kv} != {runtime.acked_kv}")
             acked, _ = await store.input_positions(runtime.run_id)
-            lost += (not log_ok) + (kv != runtime.acked_kv) + (acked != inputs - 1)
-            lost += len(runtime.wrong)
-            assert runtime.wrong == [], runtime.wrong
-            assert log_ok, [(e.seq, e.event_id) for e in stored]
-            assert runtime.acked_outputs == list(range(steps))
-            assert kv == runtime.acked_kv and acked == inputs - 1
+            if acked != inputs - 1:
+                problems.append(f"{runtime.run_id} inputs acknowledged up to {acked}")
+            problems += runtime.wrong
         refused = sum(sum(r.refused.values()) for r in runtimes) + posts_refused
-        record("store full", refused, min(lost, refused))
-        # The fault must really have been hit, on the runtime side and on the platform's.
+        record("store full", max(refused, len(problems)), len(problems))
+        assert problems == [], problems[:5]
+        # The fault must really have been hit (an output needs new pages most often).
         assert sum(r.refused.get(OUTPUT, 0) for r in runtimes) > 0, disk.flips
-        assert refused > 0
         # Every error logged names the cause, in one line (no traceback for a known failure).
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert any("store failed" in r.getMessage() for r in errors)
