@@ -377,12 +377,11 @@ class Bench:
 
     # --- phase 3: holding sessions --------------------------------------------------------------
 
-    async def _echo_memory(self, count: int) -> None:
-        """RSS growth of the bare echo server per idle TLS WebSocket: the transport's floor."""
-        print(f"echo server memory: {count} idle connections", flush=True)
-        command = module_command("bench.echo_server", "--cert", str(self.tls.cert),
-                                 "--key", str(self.tls.key))
-        async with child("echo-idle", command, stderr=self.work / "echo-idle.log") as echo:
+    async def _echo_memory(self, count: int, module: str, metric: str) -> None:
+        """RSS growth of an echo server per idle TLS WebSocket: the transport's floor."""
+        print(f"{module} memory: {count} idle connections", flush=True)
+        command = module_command(module, "--cert", str(self.tls.cert), "--key", str(self.tls.key))
+        async with child(metric, command, stderr=self.work / f"{metric}.log") as echo:
             url = (await echo.expect(ECHO_LINE, 30)).decode()
             await trio.sleep(1.0)
             before = echo.rss_bytes()
@@ -394,7 +393,7 @@ class Bench:
                 await trio.sleep(3.0)
                 after = echo.rss_bytes()
                 await generator.send(cmd="stop")
-        self.results.put("echo_conn_kib", (after - before) / max(opened, 1) / 1024, "KiB")
+        self.results.put(metric, (after - before) / max(opened, 1) / 1024, "KiB")
 
     async def run_hold(self) -> None:
         """A fresh gateway holding as many sessions as the plan (and the fd limit) allows."""
@@ -407,7 +406,9 @@ class Bench:
                 f"sessions_held: this box's RLIMIT_NOFILE hard limit is {self.nofile}, so one"
                 f" gateway process can hold at most ~{capacity} runtime sockets; the run tried"
                 f" {count} of the {wanted} asked (the limit, not the gateway, is the cap here)")
-        await self._echo_memory(min(count, 2000))
+        await self._echo_memory(min(count, 2000), "bench.echo_server", "echo_conn_kib")
+        # The proposal to trio-websocket (read in the connection's own task), on the same TLS.
+        await self._echo_memory(min(count, 2000), "bench.direct_echo", "direct_echo_conn_kib")
         print(f"seeding {count} runs for the hold gateway", flush=True)
         runs = (await seed_runs(self.work / "hold" / "gateway.sqlite3", {"hold": count}))["hold"]
         interval = str(plan.heartbeat_interval_ms)
@@ -541,6 +542,13 @@ def interpret(results: Results, cores: int, load: float) -> None:
             f"memory: a bare trio-websocket TLS connection costs {value['echo_conn_kib']:.1f} KiB"
             f" in the echo server; the gateway's session costs {value['session_kib']:.1f} KiB, so"
             f" its own share is {value['session_kib'] - value['echo_conn_kib']:.1f} KiB")
+    if {"direct_echo_conn_kib", "echo_conn_kib"} <= set(value):
+        notes.append(
+            f"the transport's own memory: an echo server that reads in each connection's own task"
+            f" (wsproto on the same TLS, no reader task or channel; bench/direct_echo.py, the"
+            f" change proposed to trio-websocket) holds {value['direct_echo_conn_kib']:.1f} KiB"
+            f" per idle connection, {value['echo_conn_kib'] - value['direct_echo_conn_kib']:.1f}"
+            " KiB less than trio-websocket's echo server")
     if {"attach_p99_ms", "echo_connect_p99_ms"} <= set(value):
         notes.append(
             f"attach burst: the bare transport's p99 for the same 1 000 connections (TCP, TLS,"
