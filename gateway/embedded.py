@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from gateway.devcert import ensure_dev_certificate
 from gateway.server import serve_runtime
 from gateway.service import Gateway
 from gateway.store.sqlite import open_sqlite_store
-from gateway.tls import ReloadableTls, TlsError
+from gateway.tls import ReloadableTls, TlsError, expiry_warning
 
 log = logging.getLogger("agent_gateway.tls")
 
@@ -57,7 +58,15 @@ class RunningGateway:
         self.service.metrics.tls_reloads.labels("ok").inc()
         self.service.metrics.tls_expiry.set(expiry)
         log.info("certificate reloaded from %s", self.tls.cert)
-        return f"certificate reloaded from {self.tls.cert}"
+        warning = _warn_if_expiring(self.tls.cert, expiry)
+        return f"certificate reloaded from {self.tls.cert}" + (f"; {warning}" if warning else "")
+
+
+def _warn_if_expiring(cert: Path, expiry: float) -> str | None:
+    warning = expiry_warning(cert, expiry, time.time())
+    if warning is not None:
+        log.warning("%s", warning)
+    return warning
 
 
 def _tls(settings: Settings) -> tuple[Path, Path]:
@@ -92,6 +101,7 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
     async with open_sqlite_store(settings.database, synchronous=settings.store_sync) as store:
         gateway = Gateway(settings, store)
         gateway.metrics.tls_expiry.set(server_tls.expires_at)
+        _warn_if_expiring(cert_path, server_tls.expires_at)
         await gateway.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(gateway.run_timers)

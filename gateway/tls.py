@@ -44,6 +44,19 @@ def expires_at(cert: Path) -> float:
     return leaf.not_valid_after_utc.timestamp()
 
 
+WARN_BEFORE_S = 14 * 86_400  # ACME renews at 30 days left: 14 means renewal has been failing
+
+
+def expiry_warning(cert: Path, expiry: float, now: float) -> str | None:
+    """What to tell the operator about a certificate close to (or past) its expiry, if anything."""
+    left = expiry - now
+    if left <= 0:
+        return f"certificate {cert} expired {(-left) / 86_400:.1f} days ago: runtimes refuse it"
+    if left < WARN_BEFORE_S:
+        return f"certificate {cert} expires in {left / 86_400:.1f} days: rotate it (then SIGHUP)"
+    return None
+
+
 class ReloadableTls:
     """The context the runtime listener holds, serving whichever certificate loaded last."""
 

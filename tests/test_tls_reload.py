@@ -7,11 +7,16 @@ quoting the key.
 
 from __future__ import annotations
 
+import datetime
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from e2e_support import (
     CertificateAuthority,
     Harness,
@@ -22,6 +27,7 @@ from e2e_support import (
 )
 
 from gateway.embedded import ConfigurationError, open_gateway
+from gateway.tls import expiry_warning
 
 HEARTBEAT = "runtime.session.heartbeat.command"
 
@@ -115,3 +121,48 @@ async def test_a_certificate_that_cannot_be_used_stops_the_start_with_a_clear_er
     with pytest.raises(ConfigurationError, match=refused):
         async with open_gateway(settings_for(tmp_path, ca)):
             pass  # pragma: no cover - the start must fail
+
+
+def test_expiry_warnings_start_two_weeks_before_and_go_on_after() -> None:
+    cert, day = Path("/etc/gw/cert.pem"), 86_400.0
+    assert expiry_warning(cert, 1_000 * day, 900 * day) is None
+    assert expiry_warning(cert, 1_000 * day, 986.5 * day) == (
+        "certificate /etc/gw/cert.pem expires in 13.5 days: rotate it (then SIGHUP)"
+    )
+    assert expiry_warning(cert, 1_000 * day, 1_002 * day) == (
+        "certificate /etc/gw/cert.pem expired 2.0 days ago: runtimes refuse it"
+    )
+
+
+def _self_signed(cert: Path, key: Path, days: float) -> None:
+    """A localhost certificate valid for `days` more (no CA: nothing here shakes hands with it)."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    built = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+async def test_a_certificate_close_to_expiry_is_warned_about_at_start_and_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = CertificateAuthority(tmp_path)
+    _self_signed(ca.cert, ca.key, days=3)
+    async with open_gateway(settings_for(tmp_path, ca)) as running:
+        [started] = [r for r in caplog.records if "expires in" in r.getMessage()]
+        assert started.levelno == logging.WARNING
+        assert f"certificate {ca.cert} expires in 3.0 days" in started.getMessage()
+        _self_signed(ca.cert, ca.key, days=1)
+        assert "; certificate" in running.reload_tls()  # the operator sees it on stdout too
+        assert "expires in 1.0 days" in caplog.records[-1].getMessage()
+        _self_signed(ca.cert, ca.key, days=90)
+        assert running.reload_tls() == f"certificate reloaded from {ca.cert}"
