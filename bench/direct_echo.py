@@ -15,12 +15,8 @@ It listens on a free loopback port and prints `echo server at wss://localhost:PO
 
 from __future__ import annotations
 
-import argparse
-import signal
 import ssl
-import sys
 from functools import partial
-from pathlib import Path
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -34,8 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from gateway.limits import raise_nofile
-from gateway.tls import server_context
+from bench.echo_server import run_echo_server
 
 RECEIVE_BYTES = 4096  # trio-websocket's default receive size, so reads are alike
 
@@ -89,25 +84,14 @@ async def serve(
         task_status.started(listeners[0].transport_listener.socket.getsockname()[1])
 
 
-async def _main(cert: Path, key: Path) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve, server_context(cert, key))
-            print(f"echo server at wss://localhost:{port}/echo", flush=True)
-            async for _ in signals:
-                break
-            nursery.cancel_scope.cancel()
+async def _start(nursery: trio.Nursery, context: ssl.SSLContext) -> int:
+    port: int = await nursery.start(serve, context)
+    return port
 
 
 def main() -> None:
     """Parse the flags and serve until told to stop."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cert", required=True, type=Path)
-    parser.add_argument("--key", required=True, type=Path)
-    args = parser.parse_args()
-    raise_nofile()
-    trio.run(_main, args.cert, args.key)
-    sys.exit(0)
+    run_echo_server(_start, __doc__)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -30,26 +32,40 @@ async def _echo(request: WebSocketRequest) -> None:
         pass
 
 
-async def _serve(cert: str, key: str) -> None:
-    context = server_context(Path(cert), Path(key))  # the gateway's own, bar its reload hook
+# Starts an echo server in the nursery on the given TLS context; returns its port.
+StartServer = Callable[[trio.Nursery, ssl.SSLContext], Awaitable[int]]
+
+
+async def _until_signalled(start: StartServer, cert: Path, key: Path) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_websocket, _echo, "127.0.0.1", 0, context)
-            print(f"echo server at wss://localhost:{server.port}/echo", flush=True)
+            # The gateway's own context, bar its reload hook: every server pays for the same TLS.
+            port = await start(nursery, server_context(cert, key))
+            print(f"echo server at wss://localhost:{port}/echo", flush=True)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()
 
 
-def main() -> None:
-    """Parse the flags and serve until told to stop."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cert", required=True)
-    parser.add_argument("--key", required=True)
+def run_echo_server(start: StartServer, doc: str | None) -> None:
+    """Parse --cert/--key and serve until SIGTERM/SIGINT: the main of every bench echo server."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--cert", required=True, type=Path)
+    parser.add_argument("--key", required=True, type=Path)
     args = parser.parse_args()
     raise_nofile()
-    trio.run(_serve, args.cert, args.key)
+    trio.run(_until_signalled, start, args.cert, args.key)
     sys.exit(0)
+
+
+async def _start(nursery: trio.Nursery, context: ssl.SSLContext) -> int:
+    server = await nursery.start(serve_websocket, _echo, "127.0.0.1", 0, context)
+    return int(server.port)
+
+
+def main() -> None:
+    """Parse the flags and serve until told to stop."""
+    run_echo_server(_start, __doc__)
 
 
 if __name__ == "__main__":
