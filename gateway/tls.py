@@ -35,13 +35,43 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def expires_at(cert: Path) -> float:
-    """When the chain's first (leaf) certificate expires, as a Unix time (for the metric)."""
+def expires_at(cert: Path, chain: bytes | None = None) -> float:
+    """When the chain's first (leaf) certificate expires, as a Unix time (for the metric).
+
+    `chain` is the file's text when the caller has read it already (so both describe one file).
+    """
     try:
-        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes() if chain is None else chain)[0]
     except (OSError, ValueError) as problem:
         raise TlsError(f"cannot read the expiry of certificate {cert}: {problem}") from None
     return leaf.not_valid_after_utc.timestamp()
+
+
+LOAD_ATTEMPTS = 3
+
+
+def load(cert: Path, key: Path) -> tuple[ssl.SSLContext, float]:
+    """A server context and its certificate's expiry, both from the same text of `cert`.
+
+    OpenSSL reads the files by name, and a rotation may replace them between that read and ours:
+    the expiry reported (and alerted on) would then be another certificate's. Reading the chain
+    before and after the context is built, and trying again if it changed, rules that out.
+    """
+    for _ in range(LOAD_ATTEMPTS):
+        before = _read(cert)
+        context = server_context(cert, key)
+        if _read(cert) == before:
+            return context, expires_at(cert, before)
+    raise TlsError(
+        f"certificate {cert} kept changing while it was loaded; reload once it is written"
+    )
+
+
+def _read(cert: Path) -> bytes:
+    try:
+        return cert.read_bytes()
+    except OSError as problem:
+        raise TlsError(f"cannot read certificate {cert}: {problem.strerror}") from None
 
 
 WARN_BEFORE_S = 14 * 86_400  # ACME renews at 30 days left: 14 means renewal has been failing
@@ -63,17 +93,14 @@ class ReloadableTls:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert = cert
         self.key = key
-        self.listening = server_context(cert, key)
+        self.listening, self.expires_at = load(cert, key)
         self.listening.sni_callback = self._choose
         self.current = self.listening
-        self.expires_at = expires_at(cert)
 
     def reload(self) -> float:
         """Serve the files' certificate to new connections; return its expiry (TlsError: kept)."""
-        fresh = server_context(self.cert, self.key)
-        expiry = expires_at(self.cert)
-        self.current, self.expires_at = fresh, expiry
-        return expiry
+        self.current, self.expires_at = load(self.cert, self.key)
+        return self.expires_at
 
     def _choose(
         self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,

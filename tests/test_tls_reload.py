@@ -8,7 +8,9 @@ quoting the key.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from e2e_support import (
     settings_for,
 )
 
+import gateway.tls
 from gateway.embedded import ConfigurationError, open_gateway
 from gateway.tls import expiry_warning
 
@@ -75,6 +78,57 @@ async def test_a_reload_serves_the_new_certificate_and_open_sessions_keep_going(
             await wire.attach(run_id, reconnect=True)
         assert reloads(harness, "ok") == 1
         assert expiry_gauge(harness) == leaf_expiry(harness.ca.cert)
+
+
+def _rotate_to(ca: CertificateAuthority, common_name: str, days: int) -> None:
+    """Write a new leaf that expires in `days` over the gateway's files."""
+    leaf = ca.ca.issue_cert(
+        "localhost", "127.0.0.1", common_name=common_name,
+        not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days),
+    )
+    leaf.private_key_pem.write_to_path(str(ca.key))
+    ca.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+
+
+async def test_a_rotation_landing_during_a_reload_reports_the_served_certificates_expiry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL reads the files by name; if they change before the expiry is read, read again."""
+    async with gateway_for_test(tmp_path) as harness:
+        _rotate_to(harness.ca, "first", days=100)
+        built = gateway.tls.server_context
+        rotations = iter(["second"])
+
+        def rotation_lands_meanwhile(cert: Path, key: Path) -> ssl.SSLContext:
+            context = built(cert, key)
+            if (name := next(rotations, None)) is not None:
+                _rotate_to(harness.ca, name, days=200)
+            return context
+
+        monkeypatch.setattr(gateway.tls, "server_context", rotation_lands_meanwhile)
+        assert "certificate reloaded" in harness.running.reload_tls()
+        assert await shown(harness) == "second"
+        assert expiry_gauge(harness) == leaf_expiry(harness.ca.cert)
+
+
+async def test_files_that_keep_changing_leave_the_previous_certificate_in_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with gateway_for_test(tmp_path) as harness:
+        before, expiry = await shown(harness), expiry_gauge(harness)
+        built = gateway.tls.server_context
+        rotations = itertools.count()
+
+        def rotation_lands_every_time(cert: Path, key: Path) -> ssl.SSLContext:
+            context = built(cert, key)
+            _rotate_to(harness.ca, f"rotation {next(rotations)}", days=100)
+            return context
+
+        monkeypatch.setattr(gateway.tls, "server_context", rotation_lands_every_time)
+        message = harness.running.reload_tls()
+        assert message.endswith("kept changing while it was loaded; reload once it is written")
+        assert next(rotations) == gateway.tls.LOAD_ATTEMPTS
+        assert await shown(harness) == before and expiry_gauge(harness) == expiry
 
 
 def _mismatched_key(ca: CertificateAuthority) -> None:
