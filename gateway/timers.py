@@ -2,11 +2,6 @@
 
 Sessions outlive connections (a lease runs on after a drop), so their timers cannot live in a
 connection's nursery. One heap for all of them costs a few bytes per session instead of a task.
-
-Every heartbeat moves its run's deadline later. Pushing a heap entry each time would grow the
-heap by one entry per heartbeat (until each stale one came due) and touch the sleeping cancel
-scope on every frame; instead a later deadline only updates `_due`, and the run's entry, when it
-comes due, files itself again at the deadline now due. The heap holds about one entry per run.
 """
 
 from __future__ import annotations
@@ -32,15 +27,10 @@ class Timers:
 
     def arm(self, run_id: str, deadline: Millis) -> None:
         """Report `run_id` at `deadline`, replacing its earlier deadline."""
-        filed = self._due.get(run_id)
         self._due[run_id] = deadline
-        if filed is not None and filed <= deadline:
-            return  # its entry comes due first and files itself again at `deadline`
         heapq.heappush(self._heap, (deadline, run_id))
         if self._sleep is not None:
-            wake = self._clock.trio_time(deadline)
-            if wake < self._sleep.deadline:
-                self._sleep.deadline = wake
+            self._sleep.deadline = min(self._sleep.deadline, self._clock.trio_time(deadline))
 
     def __len__(self) -> int:
         return len(self._due)
@@ -55,11 +45,6 @@ class Timers:
             now = self._clock.now()
             while self._heap and self._heap[0][0] <= now:
                 deadline, run_id = heapq.heappop(self._heap)
-                due = self._due.get(run_id)
-                if due is None or due < deadline:
-                    continue  # fired already, or an earlier deadline replaced this one
-                if due > deadline:
-                    heapq.heappush(self._heap, (due, run_id))  # moved later since it was filed
-                    continue
-                del self._due[run_id]
-                await fire(run_id)
+                if self._due.get(run_id) == deadline:  # else: replaced by a later arm()
+                    del self._due[run_id]
+                    await fire(run_id)

@@ -1,5 +1,4 @@
-"""The shell's one timer task: every run's deadline reported once, on time, from a heap of one
-entry per run however often its lease is renewed.
+"""The shell's one timer task: every run's deadline reported once, on time, whichever way it moved.
 
 Driven by trio's MockClock (pytest-trio's `autojump_clock`), so the times checked are exact.
 """
@@ -38,18 +37,16 @@ class _Fired:
         await trio.sleep((self.start + after_ms - self.clock.now()) / 1000)
 
 
-async def test_a_lease_renewed_a_thousand_times_fires_once_at_its_last_deadline(
+async def test_a_deadline_moved_later_a_thousand_times_fires_once_at_the_last(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     async with trio.open_nursery() as nursery:
         fired = _Fired(nursery)
-        for beat in range(1_000):  # a heartbeat every 10 ms, each moving the lease 30 ms on
+        for beat in range(1_000):  # every 10 ms, the deadline moves to 30 ms ahead
             fired.arm("run-a", beat * 10 + 30)
             fired.arm("run-b", 50_000)  # another run, armed again without moving
             await fired.until(beat * 10 + 10)
             assert fired.at == []
-        # One entry per run, not one per heartbeat: the heap is what an idle gateway holds.
-        assert len(fired.timers._heap) == 2
         await fired.until(60_000)
         nursery.cancel_scope.cancel()
     assert fired.at == [("run-a", 10_020), ("run-b", 50_000)]
