@@ -49,6 +49,7 @@ class Settings:
             recovery_window_ms=self.recovery_window_ms,
             command_rate=self.command_rate,
             command_burst=self.command_burst,
+            max_frame_bytes=self.max_frame_bytes,
         )
 
     @property

@@ -240,6 +240,7 @@ class RuntimeAttachResponse:
     lease_expires_at: Millis
     config_version: str | None = None
     next_output_seq: int | None = None  # extension: where a (restarted) runtime's outputs go on
+    max_frame_bytes: int | None = None  # extension: the largest frame the gateway accepts
 
 
 @frozen

@@ -16,6 +16,7 @@ class Policy:
     command_rate: float = field(default=200.0, validator=ge(0.001))  # commands/s per connection
     command_burst: float = field(default=400.0, validator=ge(1.0))
     input_batch: int = field(default=100, validator=ge(1))  # input events per delivery frame
+    max_frame_bytes: int = field(default=1_048_576, validator=ge(1024))  # told to runtimes
 
     @property
     def lease_ttl_ms(self) -> int:

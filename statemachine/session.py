@@ -237,6 +237,7 @@ class Session:
             lease_expires_at=self.lease_expires_at,
             config_version=self.grant.config_version,
             next_output_seq=self.output_next,
+            max_frame_bytes=self.policy.max_frame_bytes,
         )
 
     # --- using the session ----------------------------------------------------------------------

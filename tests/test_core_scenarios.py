@@ -142,6 +142,7 @@ def test_attach_is_answered_only_after_the_store_claimed_the_epoch() -> None:
         lease_expires_at=Millis(d.now + d.policy.lease_ttl_ms),
         config_version="cfg-1",
         next_output_seq=0,  # a new run's log starts at 0
+        max_frame_bytes=d.policy.max_frame_bytes,
     )
     assert changes(effects, MAIN) == [(A, L)]
     assert ArmTimer(MAIN, reply.lease_expires_at) in effects

@@ -337,7 +337,9 @@ async def test_refusals_with_their_codes(tmp_path: Path) -> None:
                     {"runId": run_id, "runtimeInstanceId": "rt", "protocolVersion": "v9"},
                 )
             ) == ("unsupported_version")
-            ids = await attached(h, wire, run_id)
+            reply = await wire.attach(run_id)
+            assert reply["maxFrameBytes"] == 4096  # so runtimes size their frames to fit
+            ids = {"sessionId": reply["sessionId"], "runId": run_id}
             wrong = {"sessionId": "ses_ffffffffffffffff", "runId": run_id}
             assert error_code(await wire.call(HEARTBEAT, wrong)) == "session_mismatch"
             big = await wire.call(OUTPUT, {**ids, "events": [event(0, "y" * 5000)]})
