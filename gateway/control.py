@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -70,7 +70,7 @@ MAX_CONFIG_KEYS: Final = 1024
 MAX_CONFIG_VERSION_LENGTH: Final = 256
 MAX_DATA_KEYS: Final = 256
 FRAME_HEADROOM: Final = 1024
-"""Bytes of a delivery frame that are not the event itself (envelope, session and run ids)."""
+"""Bytes of a frame that are not its event, config or secrets (envelope, session and run ids)."""
 
 RUN_ID: Final = re.compile(r"run_[A-Za-z0-9]{8,64}")
 EVENT_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -237,8 +237,12 @@ def _map(value: Any, pointer: str, max_keys: int) -> dict[str, Any]:
     return value
 
 
-def _create_args(body: Any) -> dict[str, Any]:
-    """`Gateway.create_run`'s keyword arguments from a `POST /v1/runs` body (or raise 422)."""
+def _create_args(body: Any, max_reply_bytes: int) -> dict[str, Any]:
+    """`Gateway.create_run`'s keyword arguments from a `POST /v1/runs` body (or raise 422).
+
+    The runtime reads its config, and all its secrets, in one reply frame each: what could not
+    fit `max_reply_bytes` would be a run whose runtime can never read them.
+    """
     body = _fields(body, "", ("capabilities", "secrets", "config"),
                    ("runId", "configVersion", "mainRunId"))
     args: dict[str, Any] = {}
@@ -269,9 +273,16 @@ def _create_args(body: Any) -> dict[str, Any]:
         if len(value) > MAX_SECRET_LENGTH:
             raise _invalid(_at("/secrets", name), f"must be at most {MAX_SECRET_LENGTH} "
                            "characters long")
+    _fits_one_frame(granted, "/secrets", max_reply_bytes)
     args["secrets_"] = granted
     args["config"] = _map(body["config"], "/config", MAX_CONFIG_KEYS)
+    _fits_one_frame(args["config"], "/config", max_reply_bytes)
     return args
+
+
+def _fits_one_frame(value: dict[str, Any], pointer: str, max_bytes: int) -> None:
+    if len(orjson.dumps(value)) > max_bytes:
+        raise _invalid(pointer, f"must encode to at most {max_bytes} bytes (one runtime frame)")
 
 
 def _new_inputs(body: Any, now: Millis, max_event_bytes: int) -> list[NewInput]:
@@ -369,7 +380,8 @@ class _Routes:
 
     async def create_run(self, request: Request) -> Response:
         """POST /v1/runs: register a run and hand out its runtime token (once)."""
-        args = _create_args(await read_json(request))
+        max_reply_bytes = self.gateway.settings.max_frame_bytes - FRAME_HEADROOM
+        args = _create_args(await read_json(request), max_reply_bytes)
         try:
             grant, token = await self.gateway.create_run(**args)
         except RunExists:
@@ -550,6 +562,9 @@ class _Guard:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            # The platform hung up before its body was whole: nothing was done, nobody to answer.
+            log.debug("control API: client left during %s %s", scope["method"], path)
         except Exception as exc:
             # The type and the stack, never the message: it may quote a value from the request.
             log.error("control API failed on %s %s: %s\n%s", scope["method"], path,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -122,6 +122,7 @@ class Gateway:
         self.observers: list[Callable[[SessionChanged], None]] = []
         self._last_conn = 0
         self._outputs_changed: dict[str, trio.Event] = {}
+        self._output_polls: Counter[str] = Counter()  # long polls in progress, by run
         self._no_links = trio.Event()
         self._no_links.set()
 
@@ -211,13 +212,15 @@ class Gateway:
             raise TypeError(f"unhandled effect {type(effect).__name__}")
 
     def _delivery_frames(self, delivery_id: str, delivery: TaskInputDelivery) -> list[str]:
-        """Encode a delivery, split into frames no bigger than the frame limit runtimes share.
+        """Encode a delivery, split into frames no bigger (in UTF-8 bytes) than the frame limit.
 
         The core batches by count; only here are bytes known. The control API refuses an input
         that could not fit a frame alone, so halving always ends.
         """
         frame = encode(Channel.INPUT, delivery_id, delivery)
-        if len(frame) <= self.settings.max_frame_bytes or len(delivery.events) == 1:
+        # The limit is in bytes on the wire: a str's length undercounts non-ASCII text 2-4x.
+        size = len(frame) if frame.isascii() else len(frame.encode("utf-8"))
+        if size <= self.settings.max_frame_bytes or len(delivery.events) == 1:
             return [frame]
         half = len(delivery.events) // 2
         frames = []
@@ -364,11 +367,18 @@ class Gateway:
         self.metrics.frames.received[decoded.channel] += 1
         command = decoded.command
         fresh = ""
-        if isinstance(command, RuntimeAttachRequest):
-            fresh = "ses_" + secrets.token_hex(16)
-            await self._know_runs((command.run_id,))
-        elif isinstance(command, RecoverConnectionsCommand):
-            await self._know_runs((command.main_run_id, *command.sub_run_ids))
+        try:
+            if isinstance(command, RuntimeAttachRequest):
+                fresh = "ses_" + secrets.token_hex(16)
+                await self._know_runs((command.run_id,))
+            elif isinstance(command, RecoverConnectionsCommand):
+                await self._know_runs((command.main_run_id, *command.sub_run_ids))
+        except StoreError as failure:
+            # Not `unknown_run`: the run may well exist, the store could not say. Retryable.
+            log.error("store failed looking up a run: %s", failure)
+            error = ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
+            await self._refuse(link, decoded.request_id, error)
+            return
         event = CommandReceived(link.conn_id, decoded.request_id, command, self.clock.now(), fresh)
         await self.execute(self.hub.handle(event), link.conn_id)  # `feed`, one coroutine less
 
@@ -377,13 +387,13 @@ class Gateway:
         await link.send(encode(Channel.ERROR, request_id, error))
 
     async def _know_runs(self, run_ids: Iterable[str]) -> None:
-        """Load grants the core lacks (a run created through another gateway of the fleet)."""
+        """Load grants the core lacks (a run created through another gateway of the fleet).
+
+        A store failure is raised, never taken for "no such run": callers answer it retryably.
+        """
         for run_id in run_ids:
             if not self.hub.knows_run(run_id):
-                try:
-                    grant = await self.store.get_run(run_id)
-                except StoreError:
-                    return  # the core will refuse the run as unknown; the runtime may retry
+                grant = await self.store.get_run(run_id)
                 if grant is not None:
                     self.hub.handle(RunRegistered(grant))
 
@@ -434,13 +444,22 @@ class Gateway:
     ) -> list[OutputEvent]:
         """Output events after `after`, waiting up to `wait_s` for the first one to arrive."""
         deadline = trio.current_time() + wait_s
-        while True:
-            events = await self.store.read_outputs(run_id, after, limit)
-            if events or trio.current_time() >= deadline:
-                return events
-            changed = self._outputs_changed.setdefault(run_id, trio.Event())
-            with trio.move_on_at(deadline):
-                await changed.wait()
+        self._output_polls[run_id] += 1
+        try:
+            while True:
+                # Watched before the read: an append that commits while the read is on its way
+                # back sets this event, and the next turn reads again instead of sleeping on.
+                changed = self._outputs_changed.setdefault(run_id, trio.Event())
+                events = await self.store.read_outputs(run_id, after, limit)
+                if events or trio.current_time() >= deadline:
+                    return events
+                with trio.move_on_at(deadline):
+                    await changed.wait()
+        finally:
+            self._output_polls[run_id] -= 1
+            if not self._output_polls[run_id]:  # the last poll of the run forgets its event
+                del self._output_polls[run_id]
+                self._outputs_changed.pop(run_id, None)
 
     async def session_view(self, run_id: str) -> SessionView | None:
         """The session as the platform may see it: live from the core, else as last stored."""

@@ -28,7 +28,7 @@ from gateway.codec import MAX_DEPTH
 from gateway.config import Settings
 from gateway.control import build_app, hypercorn_config, serve_control
 from gateway.server import serve_runtime
-from gateway.service import Gateway
+from gateway.service import Gateway, token_digest
 from gateway.specfiles import spec_root
 from gateway.store.base import Store, StoreError
 from gateway.store.sqlite import open_sqlite_store
@@ -38,6 +38,7 @@ from statemachine.records import RunGrant, SessionState
 
 ADMIN_TOKEN = "control-test-admin-token-1234"
 SECRET = "hunter2-very-secret-value"
+ATTACH = "runtime.session.attach.command"
 OUTPUT = "runtime.task.output.event"
 SPEC_PATH = spec_root() / "v1" / "api" / "control.openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -488,8 +489,9 @@ async def test_create_run_takes_bodies_at_every_bound(env: Env) -> None:
     body = {
         "runId": "run_" + "a" * 64,
         "capabilities": [c.value for c in Capability],
-        # 256 secrets of the largest size would pass the schema but not the 4 MiB body limit.
-        "secrets": {f"{i:0>256}": "s" * (65536 if i == 0 else 8000) for i in range(256)},
+        # 256 secrets of the largest size would pass the schema but not the 4 MiB body limit;
+        # together they must fit one runtime frame (1 MiB less 1024 bytes): 1 025 109 bytes here.
+        "secrets": {f"{i:0>256}": "s" * (65536 if i == 0 else 3500) for i in range(256)},
         "config": {f"k{i}": i for i in range(1024)},
         "configVersion": "v" * 256,
     }
@@ -700,6 +702,22 @@ async def test_an_input_must_fit_one_runtime_frame(tmp_path: Path) -> None:
         assert conforms(response, INPUTS) == {"seqs": [0]}
 
 
+@pytest.mark.parametrize("field", ["config", "secrets"])
+async def test_config_and_secrets_must_each_fit_the_reply_frame_that_carries_them(
+    tmp_path: Path, field: str
+) -> None:
+    """A runtime reads its config, and all its secrets, in one reply each: bytes, not chars."""
+    budget = 4096 - control.FRAME_HEADROOM
+    async with real_gateway(tmp_path, max_frame_bytes=4096) as env:
+        fits = {"A": "\u00e9" * ((budget - 20) // 2)}  # 2 bytes each in UTF-8
+        too_big = {"A": "\u00e9" * (budget // 2)}
+        response = await env.http.post("/v1/runs", json={**VALID_CREATE, field: too_big})
+        assert problem(response, 422, "invalid-request", RUNS)["pointer"] == f"/{field}"
+        assert "\u00e9" not in response.text  # the refusal never quotes a value
+        response = await env.http.post("/v1/runs", json={**VALID_CREATE, field: fits})
+        assert conforms(response, RUNS)["runId"]
+
+
 @pytest.mark.parametrize("run_id", ["run_unknown01", "nope", "run_" + "a" * 65])
 async def test_inputs_to_an_unknown_run_are_404(env: Env, run_id: str) -> None:
     response = await env.http.post(f"/v1/runs/{run_id}/inputs",
@@ -770,6 +788,63 @@ async def test_long_poll_returns_as_soon_as_an_output_is_stored(
     assert conforms(got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
 
 
+async def test_a_long_poll_sees_an_output_stored_while_its_read_was_answered(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append commits after the poll's read ran but before its answer came back."""
+    run_id, token = await env.create_run()
+    read_outputs = env.gateway.store.read_outputs
+    read_empty, stored = trio.Event(), trio.Event()
+
+    async def late_answer(run: str, after: int, limit: int) -> Any:
+        events = await read_outputs(run, after, limit)
+        if not events and not read_empty.is_set():
+            read_empty.set()  # the read saw nothing ...
+            await stored.wait()  # ... and its answer arrives after the append
+        return events
+
+    monkeypatch.setattr(env.gateway.store, "read_outputs", late_answer)
+    got: list[httpx.Response] = []
+
+    async def poll() -> None:
+        got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60}))
+
+    async with env.runtime(token) as wire:
+        ids = await attach(wire, run_id)
+        with trio.fail_after(30):  # far less than the poll's 60 s
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await read_empty.wait()
+                await publish(wire, ids, output(0))
+                stored.set()
+    assert conforms(got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
+    # The poll kept no trace: a gateway polled for every run it ever had holds nothing for them.
+    assert not env.gateway._outputs_changed and not env.gateway._output_polls
+
+
+async def test_polls_of_one_run_wake_together_and_leave_nothing_behind(env: Env) -> None:
+    run_id, token = await env.create_run()
+    got: list[httpx.Response] = []
+
+    async def poll(wait: float) -> None:
+        got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": wait}))
+
+    async with env.runtime(token) as wire:
+        ids = await attach(wire, run_id)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll, 0.2)  # times out while the others still wait
+                for _ in range(3):
+                    nursery.start_soon(poll, 60)
+                while len(got) < 1 or env.gateway._output_polls[run_id] < 3:
+                    await trio.sleep(0.01)
+                await publish(wire, ids, output(0))
+    pages = [conforms(response, OUTPUTS) for response in got]
+    assert pages[0] == {"events": [], "next": -1}
+    assert pages[1:] == [{"events": [output(0)], "next": 0}] * 3
+    assert not env.gateway._outputs_changed and not env.gateway._output_polls
+
+
 async def test_a_long_poll_ends_when_the_platform_hangs_up(
     env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -802,6 +877,26 @@ async def test_a_long_poll_ends_when_the_platform_hangs_up(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     response = await env.http.get(f"/v1/runs/{run_id}/outputs", params={"after": 3})
     assert conforms(response, OUTPUTS) == {"events": [], "next": 3}
+
+
+async def test_a_platform_hanging_up_mid_body_is_not_a_crash(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = env.http.base_url.port
+    assert port is not None
+    platform = await trio.open_tcp_stream("127.0.0.1", port)
+    await platform.send_all(
+        b"POST /v1/runs HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+        + f"authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
+        + b"content-length: 1000\r\n\r\n{\"capabilities\":"
+    )
+    await trio.sleep(0.2)  # the handler is reading the body
+    await platform.aclose()
+    await trio.sleep(0.3)
+    # A client timing out during an upload is not a gateway failure: no error, no alert.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (await env.http.get("/healthz")).status_code == 200
+    assert conforms(await env.http.post("/v1/runs", json=VALID_CREATE), RUNS)["runId"]
 
 
 async def test_long_poll_times_out_empty(env: Env) -> None:
@@ -956,6 +1051,34 @@ async def test_a_failing_store_is_503_with_retry_after(tmp_path: Path) -> None:
             problem(response, 503, "store-unavailable", template)
             assert response.headers["retry-after"] == "1"
             assert "disk gone" not in response.text
+
+
+async def test_a_run_the_store_cannot_look_up_is_retryable_not_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run created through another gateway of the fleet: in the store, not yet in this core."""
+    async with real_gateway(tmp_path) as env:
+        grant = RunGrant("run_otherGateway1", frozenset(), {}, {}, "cfg-1")
+        await env.gateway.store.create_run(grant, token_digest("agt_fromTheOtherGateway"))
+        get_run = env.gateway.store.get_run
+
+        async def failing(run_id: str) -> Any:
+            raise StoreError("database is locked")
+
+        monkeypatch.setattr(env.gateway.store, "get_run", failing)
+        # The run exists; the store could not say so: 503, not 404 (which means "gone").
+        response = await env.http.get(f"/v1/runs/{grant.run_id}/session")
+        problem(response, 503, "store-unavailable", SESSION)
+        async with env.runtime("agt_fromTheOtherGateway") as wire:
+            refused = await wire.call(ATTACH, {"runId": grant.run_id, "runtimeInstanceId": "rt",
+                                               "protocolVersion": "v1"})
+            assert refused["channel"] == "runtime.session.error", refused
+            assert refused["payload"]["code"] == "internal"
+            assert refused["payload"]["retryable"] is True
+            monkeypatch.setattr(env.gateway.store, "get_run", get_run)
+            await attach(wire, grant.run_id)  # the retry the error asked for
+        response = await env.http.get(f"/v1/runs/{grant.run_id}/session")
+        assert conforms(response, SESSION)["runId"] == grant.run_id
 
 
 async def test_a_crash_is_a_500_problem_without_details(

@@ -405,10 +405,14 @@ async def test_drain_tells_runtimes_to_reconnect(tmp_path: Path) -> None:
         assert health.status_code == 503
 
 
-async def test_big_input_batches_are_split_into_frames_that_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["7" * 1500, "\U0001f600" * 700], ids=["ascii", "emoji"])
+async def test_big_input_batches_are_split_into_frames_that_fit(
+    tmp_path: Path, text: str
+) -> None:
+    """The limit is in bytes: 700 emoji are 700 characters but 2 800 bytes on the wire."""
     async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
         run_id, token = await h.create_run()
-        inputs = [{"type": "chunk", "data": {"text": str(n) * 1500}} for n in range(10)]
+        inputs = [{"type": "chunk", "data": {"text": text}} for n in range(10)]
         posted = await h.http.post(f"/v1/runs/{run_id}/inputs", json={"events": inputs})
         assert posted.status_code == 202, posted.text
         async with h.wire(token) as wire:
@@ -416,7 +420,7 @@ async def test_big_input_batches_are_split_into_frames_that_fit(tmp_path: Path) 
             seqs: list[int] = []
             while len(seqs) < 10:
                 raw = await wire.ws.get_message()
-                assert len(raw) <= 4096
+                assert isinstance(raw, str) and len(raw.encode("utf-8")) <= 4096
                 frame = json.loads(raw)
                 assert frame["channel"] == INPUT
                 seqs += [e["seq"] for e in frame["payload"]["events"]]
