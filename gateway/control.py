@@ -40,7 +40,7 @@ from gateway import strictjson
 from gateway.codec import CONVERTER, MAX_DEPTH, format_millis
 from gateway.config import Settings
 from gateway.service import Gateway, SessionView
-from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
+from gateway.store.base import InputConflict, NewInput, RunExists, StoreError, UnknownRun
 from statemachine.messages import Capability, Millis, OutputEvent
 
 log = logging.getLogger("agent_gateway.control")
@@ -90,6 +90,7 @@ TITLES: Final[Mapping[str, str]] = {
     "unknown-main-run": "No such main run",
     "method-not-allowed": "Method not allowed on this route",
     "run-exists": "The run id is taken",
+    "input-conflict": "The eventId is taken by another input",
     "payload-too-large": "The body is too large",
     "unsupported-media-type": "The body must be JSON",
     "internal": "Internal error",
@@ -292,13 +293,16 @@ def _new_inputs(body: Any, now: Millis, max_event_bytes: int) -> list[NewInput]:
         raise _invalid("/events", "must be an array")
     if not 1 <= len(events) <= MAX_EVENTS:
         raise _invalid("/events", f"must have 1 to {MAX_EVENTS} items")
-    inputs = []
+    inputs, named = [], set()
     for index, event in enumerate(events):
         at = _at("/events", index)
         _fields(event, at, ("type", "data"), ("eventId",))
         if "eventId" in event:
             event_id = _text(event["eventId"], at + "/eventId", min_length=1, max_length=128,
                              pattern=EVENT_ID)
+            if event_id in named:
+                raise _invalid(at + "/eventId", "must differ from the other events' eventIds")
+            named.add(event_id)
         else:
             event_id = "evt_" + secrets.token_hex(16)
         kind = _text(event["type"], at + "/type", min_length=1, max_length=128,
@@ -417,6 +421,10 @@ class _Routes:
             seqs = await self.gateway.post_inputs(run_id, inputs)
         except UnknownRun:
             raise Problem(404, "unknown-run", "no live run has this id") from None
+        except InputConflict as conflict:
+            raise Problem(409, "input-conflict", "an input with this eventId is queued already "
+                          "with another type or data; nothing was queued",
+                          pointer=f"/events/{conflict.index}/eventId") from None
         except StoreError as failure:
             raise _store_failed(failure) from None
         return _json({"seqs": seqs}, 202)

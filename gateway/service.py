@@ -435,8 +435,8 @@ class Gateway:
     async def post_inputs(self, run_id: str, events: Sequence[NewInput]) -> list[int]:
         """Queue input events durably, then push them to the run's runtime if it is connected."""
         seqs = await self.store.post_inputs(run_id, events)
-        if seqs:
-            await self.feed(InputsPosted(run_id, seqs[-1], self.clock.now()))
+        if seqs:  # a retried post may only name seqs queued before: max, not the last
+            await self.feed(InputsPosted(run_id, max(seqs), self.clock.now()))
         return seqs
 
     async def wait_outputs(

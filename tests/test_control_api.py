@@ -644,6 +644,47 @@ async def test_inputs_are_queued_stamped_and_delivered(env: Env) -> None:
     assert conforms(more, INPUTS) == {"seqs": [2]}
 
 
+async def test_a_retried_post_is_queued_and_delivered_once(env: Env) -> None:
+    """The platform lost a 202 (or got a 503 after the commit) and posts the same body again."""
+    run_id, token = await env.create_run()
+    body = {"events": [input_event(eventId="msg-1"), input_event(eventId="msg-2")]}
+    url = f"/v1/runs/{run_id}/inputs"
+    assert conforms(await env.http.post(url, json=body), INPUTS) == {"seqs": [0, 1]}
+    assert conforms(await env.http.post(url, json=body), INPUTS) == {"seqs": [0, 1]}
+    body["events"].append(input_event(eventId="msg-3"))
+    assert conforms(await env.http.post(url, json=body), INPUTS) == {"seqs": [0, 1, 2]}
+    async with env.runtime(token) as wire:
+        await attach(wire, run_id)
+        delivery = await wire.recv()
+        assert [e["eventId"] for e in delivery["payload"]["events"]] == ["msg-1", "msg-2", "msg-3"]
+        # A retry while the runtime is connected delivers nothing again.
+        assert conforms(await env.http.post(url, json=body), INPUTS) == {"seqs": [0, 1, 2]}
+        with trio.move_on_after(0.3):
+            extra = await wire.recv()
+            raise AssertionError(f"delivered again: {extra}")
+
+
+async def test_an_event_id_queued_with_other_content_is_a_409_and_queues_nothing(
+    env: Env,
+) -> None:
+    run_id, _ = await env.create_run()
+    url = f"/v1/runs/{run_id}/inputs"
+    await env.http.post(url, json={"events": [input_event(eventId="msg-1")]})
+    clash = {"events": [input_event(eventId="msg-2"), input_event(eventId="msg-1", data={})]}
+    body = problem(await env.http.post(url, json=clash), 409, "input-conflict", INPUTS)
+    assert body["pointer"] == "/events/1/eventId"
+    assert [e.event_id for e in await env.gateway.store.read_inputs(run_id, -1, 10)] == ["msg-1"]
+
+
+async def test_one_post_cannot_name_an_event_id_twice(env: Env) -> None:
+    run_id, _ = await env.create_run()
+    twice = {"events": [input_event(eventId="a"), input_event(eventId="b"),
+                        input_event(eventId="a")]}
+    response = await env.http.post(f"/v1/runs/{run_id}/inputs", json=twice)
+    assert problem(response, 422, "invalid-request", INPUTS)["pointer"] == "/events/2/eventId"
+    assert await env.gateway.store.read_inputs(run_id, -1, 10) == ()
+
+
 def input_event(**fields: Any) -> dict[str, Any]:
     return {"type": "user.message", "data": {"text": "hi"}, **fields}
 

@@ -15,9 +15,10 @@ import attrs
 import pytest
 import trio
 
-from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
+from gateway.store.base import InputConflict, NewInput, RunExists, StoreError, UnknownRun
 from gateway.store.sqlite import (
     READ_GROUP,
+    SCHEMA_VERSION,
     SQLiteStore,
     _Request,
     _run_group,
@@ -357,6 +358,30 @@ async def test_inputs_are_numbered_contiguously_from_zero(store: SQLiteStore) ->
         await store.post_inputs("r", inputs(1))
 
 
+async def test_a_retried_post_queues_nothing_twice(store: SQLiteStore) -> None:
+    await store.create_run(grant("r"), token("r"))
+    assert await store.post_inputs("r", inputs(3)) == [0, 1, 2]
+    # The platform lost the answer and posts again, now with one event more, data keys reordered
+    # and a later timestamp: the known ids keep their seqs, only the new event is queued.
+    again = [attrs.evolve(e, timestamp=Millis(999)) for e in inputs(3)]
+    again[1] = attrs.evolve(again[1], data={"i": 1})
+    assert await store.post_inputs("r", [*again, *inputs(1, tag="new")]) == [0, 1, 2, 3]
+    read = await store.read_inputs("r", -1, 100)
+    assert [(e.seq, e.event_id, e.timestamp) for e in read] == [
+        (0, "in0", 100), (1, "in1", 101), (2, "in2", 102), (3, "new0", 100)]
+
+
+async def test_a_known_event_id_with_other_content_queues_nothing(store: SQLiteStore) -> None:
+    await store.create_run(grant("r"), token("r"))
+    await store.post_inputs("r", inputs(2))
+    for changed in ({"type": "other"}, {"data": {"i": 1, "extra": True}}):
+        clash = attrs.evolve(inputs(2)[1], **changed)
+        with pytest.raises(InputConflict) as refused:
+            await store.post_inputs("r", [*inputs(1, tag="fresh"), clash])
+        assert refused.value.index == 1
+    assert [e.event_id for e in await store.read_inputs("r", -1, 100)] == ["in0", "in1"]
+
+
 async def test_acked_seq_only_goes_up(store: SQLiteStore) -> None:
     await attached(store, "r")
     await store.post_inputs("r", inputs(10))
@@ -579,6 +604,28 @@ async def test_open_checks_settings_and_schema_version(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         async with open_sqlite_store(path):
             pass
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    """A file written before inputs were found by event id opens, indexed, with its rows."""
+    path = tmp_path / "v1.sqlite3"
+    async with open_sqlite_store(path) as store:
+        await store.create_run(grant("r"), token("r"))
+        await store.post_inputs("r", inputs(2))
+    raw = sqlite3.connect(path)
+    raw.execute("DROP INDEX inputs_by_event")  # what version 1 created
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    async with open_sqlite_store(path) as store:
+        assert await store.post_inputs("r", inputs(3)) == [0, 1, 2]  # two known, one new
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    plan = raw.execute(
+        "EXPLAIN QUERY PLAN SELECT seq FROM inputs WHERE run_id = 'r' AND event_id = 'in1'"
+    ).fetchall()
+    raw.close()
+    assert "inputs_by_event" in str(plan)
 
 
 # --- concurrency ----------------------------------------------------------------------------------

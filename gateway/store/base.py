@@ -31,6 +31,14 @@ class UnknownRun(StoreError):
     """The run (or the main run a sub-run names) does not exist or was revoked."""
 
 
+class InputConflict(StoreError):
+    """A posted input re-uses the event id of a queued one, with another type or data."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"input {index} re-uses a queued event id with another type or data")
+        self.index = index  # which event of the post
+
+
 @frozen
 class NewInput:
     """An input event the platform posts; the store gives it its seq when it queues it."""
@@ -131,7 +139,9 @@ class Store(Protocol):
     async def post_inputs(self, run_id: str, events: Sequence[NewInput]) -> list[int]:
         """Queue input events for a live run in one transaction; their seqs continue from 0.
 
-        Returns the seqs given, in order. Raises `UnknownRun` for an unknown or revoked run.
+        Returns the seqs given, in order. An event id the run has queued already keeps its seq
+        (a retried post queues nothing twice); with another type or data it is an
+        `InputConflict` and nothing is queued. Raises `UnknownRun` for an unknown or revoked run.
         """
         ...
 

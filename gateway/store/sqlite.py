@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 import orjson
 import trio
 
-from gateway.store.base import NewInput, RunExists, StoreError, UnknownRun
+from gateway.store.base import InputConflict, NewInput, RunExists, StoreError, UnknownRun
 from statemachine.inputs import AppendOutcome, EpochClaimed, OutputsAppended, Written
 from statemachine.messages import Capability, InputEvent, Millis, OutputEvent
 from statemachine.records import RunGrant, SessionRecord, SessionState
@@ -33,7 +33,7 @@ from statemachine.records import RunGrant, SessionRecord, SessionState
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_GROUP = 512  # ops per transaction: bounds one commit's latency and the worker call's memory
 READ_GROUP = 32  # reads per worker call: bounds how long a long read delays the others
 QUEUE_DEPTH = 4096  # queued writes (and, apart, reads) before callers wait (backpressure)
@@ -89,11 +89,18 @@ CREATE TABLE inputs (
     timestamp INTEGER NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+CREATE INDEX inputs_by_event ON inputs(run_id, event_id);
 CREATE TABLE input_acks (
     run_id TEXT PRIMARY KEY NOT NULL REFERENCES runs(run_id),
     acked_seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+
+# From each older schema version to the next, in the writer's first transaction.
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: inputs are found by event id, so a retried post queues nothing twice.
+    1: "CREATE INDEX inputs_by_event ON inputs(run_id, event_id)",
+}
 
 # --- SQL ------------------------------------------------------------------------------------------
 
@@ -156,6 +163,7 @@ SQL_UPSERT_KV = (
 )
 
 SQL_LAST_INPUT = "SELECT seq FROM inputs WHERE run_id = ? ORDER BY seq DESC LIMIT 1"
+SQL_INPUT_BY_EVENT = "SELECT seq, type, data FROM inputs WHERE run_id = ? AND event_id = ? LIMIT 1"
 SQL_INSERT_INPUT = (
     "INSERT INTO inputs (run_id, seq, event_id, type, data, timestamp) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -352,18 +360,29 @@ def _op_kv_set(run_id: str, epoch: int, kv: Mapping[str, str], conn: sqlite3.Con
 
 
 def _op_post_inputs(run_id: str, events: Sequence[NewInput], conn: sqlite3.Connection) -> list[int]:
-    """Queue inputs for a live run, numbering them after the run's last seq."""
+    """Queue inputs for a live run, numbering them after the run's last seq.
+
+    An event whose id the run has queued already (the platform retrying a post whose answer it
+    lost) keeps its seq and is not queued again; the same id with another type or data is an
+    `InputConflict`, and then nothing of the post is queued.
+    """
     if conn.execute(SQL_LIVE_RUN, (run_id,)).fetchone() is None:
         raise UnknownRun(f"run {run_id!r} is unknown or revoked")
-    first: int = _scalar(conn, SQL_LAST_INPUT, (run_id,), -1) + 1
-    seqs = list(range(first, first + len(events)))
-    conn.executemany(
-        SQL_INSERT_INPUT,
-        [
-            (run_id, seq, event.event_id, event.type, _dumps(event.data), event.timestamp)
-            for seq, event in zip(seqs, events, strict=True)
-        ],
-    )
+    following: int = _scalar(conn, SQL_LAST_INPUT, (run_id,), -1) + 1
+    seqs, rows = [], []
+    for index, event in enumerate(events):
+        stored = conn.execute(SQL_INPUT_BY_EVENT, (run_id, event.event_id)).fetchone()
+        if stored is not None:
+            seq, kind, data = stored
+            if kind != event.type or orjson.loads(data) != event.data:
+                raise InputConflict(index)
+            seqs.append(int(seq))
+            continue
+        seqs.append(following)
+        rows.append((run_id, following, event.event_id, event.type, _dumps(event.data),
+                     event.timestamp))
+        following += 1
+    conn.executemany(SQL_INSERT_INPUT, rows)
     return seqs
 
 
@@ -490,6 +509,10 @@ def _open_writer(path: str, synchronous: str) -> sqlite3.Connection:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version in MIGRATIONS:
+            for step in range(version, SCHEMA_VERSION):
+                conn.execute(MIGRATIONS[step])
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
             raise StoreError(f"database schema version {version} is not {SCHEMA_VERSION}")
