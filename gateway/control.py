@@ -401,6 +401,17 @@ class _Routes:
             body["mainRunId"] = grant.main_run_id
         return _json(body, 201, {"cache-control": "no-store"})
 
+    async def replace_token(self, request: Request) -> Response:
+        """POST /v1/runs/{runId}/token: a new runtime token (once); the old one stops working."""
+        run_id = _run_id(request)
+        try:
+            token = await self.gateway.replace_token(run_id)
+        except StoreError as failure:
+            raise _store_failed(failure) from None
+        if token is None:
+            raise Problem(404, "unknown-run", "no live run has this id")
+        return _json({"runId": run_id, "runtimeToken": token}, 200, {"cache-control": "no-store"})
+
     async def revoke_run(self, request: Request) -> Response:
         """DELETE /v1/runs/{runId}: end a run; its runtime is closed with 4002."""
         run_id = _run_id(request)
@@ -592,6 +603,7 @@ def build_app(gateway: Gateway, admin_token: str) -> Starlette:
         routes=[
             Route("/v1/runs", routes.create_run, methods=["POST"]),
             Route("/v1/runs/{run_id}", routes.revoke_run, methods=["DELETE"]),
+            Route("/v1/runs/{run_id}/token", routes.replace_token, methods=["POST"]),
             Route("/v1/runs/{run_id}/inputs", routes.post_inputs, methods=["POST"]),
             Route("/v1/runs/{run_id}/outputs", routes.read_outputs, methods=["GET"]),
             Route("/v1/runs/{run_id}/session", routes.session, methods=["GET"]),

@@ -82,6 +82,10 @@ from statemachine.records import RunGrant, SessionState
 log = logging.getLogger("agent_gateway")
 
 
+def _new_token() -> str:
+    return "agt_" + secrets.token_urlsafe(32)
+
+
 def token_digest(token: str) -> bytes:
     """Runtime tokens are kept only as digests: a stolen database grants no access."""
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -420,10 +424,19 @@ class Gateway:
             or "cfg_" + hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16],
             main_run_id=main_run_id,
         )
-        token = "agt_" + secrets.token_urlsafe(32)
+        token = _new_token()
         await self.store.create_run(grant, token_digest(token))
         self.hub.handle(RunRegistered(grant))
         return grant, token
+
+    async def replace_token(self, run_id: str) -> str | None:
+        """Mint a new runtime token for a live run (the old one stops working); None if none.
+
+        For a token the platform lost (a create whose answer never came) or one that leaked.
+        Connections admitted with the old token keep their sessions; revoke the run to end them.
+        """
+        token = _new_token()
+        return token if await self.store.replace_token(run_id, token_digest(token)) else None
 
     async def revoke_run(self, run_id: str) -> bool:
         """Revoke a run's token (and its sub-runs'), and close whatever connection holds them."""

@@ -21,7 +21,7 @@ import pytest
 import trio
 import yaml
 from e2e_support import Wire
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from gateway import control
 from gateway.codec import MAX_DEPTH
@@ -39,6 +39,7 @@ from statemachine.records import RunGrant, SessionState
 ADMIN_TOKEN = "control-test-admin-token-1234"
 SECRET = "hunter2-very-secret-value"
 ATTACH = "runtime.session.attach.command"
+HEARTBEAT = "runtime.session.heartbeat.command"
 OUTPUT = "runtime.task.output.event"
 SPEC_PATH = spec_root() / "v1" / "api" / "control.openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -49,6 +50,7 @@ OUTPUT_EVENT: dict[str, Any] = json.loads(
 
 RUNS = "/v1/runs"
 RUN = "/v1/runs/{runId}"
+TOKEN = "/v1/runs/{runId}/token"
 INPUTS = "/v1/runs/{runId}/inputs"
 OUTPUTS = "/v1/runs/{runId}/outputs"
 SESSION = "/v1/runs/{runId}/session"
@@ -685,6 +687,37 @@ async def test_one_post_cannot_name_an_event_id_twice(env: Env) -> None:
     assert await env.gateway.store.read_inputs(run_id, -1, 10) == ()
 
 
+async def test_a_lost_token_is_replaced_and_the_old_one_stops_working(env: Env) -> None:
+    """The platform's createRun answer never came, so it retried: 409, and no token to use."""
+    body = {**VALID_CREATE, "runId": "run_lostAnswer01"}
+    first = conforms(await env.http.post("/v1/runs", json=body), RUNS)
+    problem(await env.http.post("/v1/runs", json=body), 409, "run-exists", RUNS)
+    async with env.runtime(first["runtimeToken"]) as held:
+        ids = await attach(held, "run_lostAnswer01")
+        response = await env.http.post("/v1/runs/run_lostAnswer01/token")
+        replaced = conforms(response, TOKEN)
+        assert response.headers["cache-control"] == "no-store"
+        assert replaced["runId"] == "run_lostAnswer01"
+        assert replaced["runtimeToken"] != first["runtimeToken"]
+        # The connection admitted with the old token keeps its session ...
+        beat = await held.call(HEARTBEAT, ids)
+        assert beat["payload"]["accepted"] is True, beat
+    # ... but new handshakes need the new one.
+    with pytest.raises(ConnectionRejected) as refused:
+        async with env.runtime(first["runtimeToken"]):
+            pass  # pragma: no cover - the handshake must be refused
+    assert refused.value.status_code == 401
+    async with env.runtime(replaced["runtimeToken"]) as wire:
+        await attach(wire, "run_lostAnswer01", reconnect=True)
+
+
+async def test_only_a_live_run_gets_a_new_token(env: Env) -> None:
+    problem(await env.http.post("/v1/runs/run_neverCreated/token"), 404, "unknown-run", TOKEN)
+    run_id, _ = await env.create_run()
+    assert (await env.http.delete(f"/v1/runs/{run_id}")).status_code == 204
+    problem(await env.http.post(f"/v1/runs/{run_id}/token"), 404, "unknown-run", TOKEN)
+
+
 def input_event(**fields: Any) -> dict[str, Any]:
     return {"type": "user.message", "data": {"text": "hi"}, **fields}
 
@@ -1082,6 +1115,7 @@ async def test_a_failing_store_is_503_with_retry_after(tmp_path: Path) -> None:
         calls = [
             (env.http.post("/v1/runs", json=VALID_CREATE), RUNS),
             (env.http.delete("/v1/runs/run_known0001"), RUN),
+            (env.http.post("/v1/runs/run_known0001/token"), TOKEN),
             (env.http.post("/v1/runs/run_known0001/inputs", json={"events": [input_event()]}),
              INPUTS),
             (env.http.get("/v1/runs/run_known0001/outputs"), OUTPUTS),

@@ -72,6 +72,10 @@ class Store(Protocol):
         """Kill the run's token and its sub-runs'; False if it was unknown or already revoked."""
         ...
 
+    async def replace_token(self, run_id: str, token_hash: bytes) -> bool:
+        """Give a live run a new token digest (the old token stops working); False if none."""
+        ...
+
     async def list_runs(self) -> list[RunGrant]:
         """Every live run, main runs before sub-runs, to warm the core after a restart."""
         ...

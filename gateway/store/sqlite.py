@@ -123,6 +123,7 @@ SQL_RUN_FOR_TOKEN = "SELECT run_id FROM runs WHERE token_hash = ? AND revoked_at
 SQL_REVOKE = (
     "UPDATE runs SET revoked_at = ? WHERE (run_id = ? OR main_run_id = ?) AND revoked_at IS NULL"
 )
+SQL_REPLACE_TOKEN = "UPDATE runs SET token_hash = ? WHERE run_id = ? AND revoked_at IS NULL"
 SQL_SUB_RUNS = "SELECT run_id FROM runs WHERE main_run_id = ? AND revoked_at IS NULL ORDER BY rowid"
 
 _SESSION_SELECT = (
@@ -606,6 +607,14 @@ class SQLiteStore:
     async def revoke_run(self, run_id: str) -> bool:
         """See `Store.revoke_run`."""
         return cast(bool, await self._write(partial(_op_revoke, run_id, int(time.time() * 1000))))
+
+    async def replace_token(self, run_id: str, token_hash: bytes) -> bool:
+        """See `Store.replace_token`."""
+
+        def replace(conn: sqlite3.Connection) -> bool:
+            return conn.execute(SQL_REPLACE_TOKEN, (token_hash, run_id)).rowcount == 1
+
+        return cast(bool, await self._write(replace))
 
     async def list_runs(self) -> list[RunGrant]:
         """See `Store.list_runs`."""
