@@ -426,7 +426,10 @@ class Gateway:
         )
         token = _new_token()
         await self.store.create_run(grant, token_digest(token))
-        self.hub.handle(RunRegistered(grant))
+        # A revoke of the main run that committed after this create (revoking the sub-run with
+        # it) may have reached the core while we waited: the core must not learn the sub-run.
+        if main_run_id is None or self.hub.knows_run(main_run_id):
+            self.hub.handle(RunRegistered(grant))
         return grant, token
 
     async def replace_token(self, run_id: str) -> str | None:

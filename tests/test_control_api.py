@@ -425,6 +425,25 @@ async def test_sub_runs(env: Env) -> None:
     problem(await env.http.get("/v1/runs/run_subrun001/session"), 404, "unknown-run", SESSION)
 
 
+async def test_a_main_run_revoked_while_its_sub_run_is_created_takes_the_sub_run_along(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revoke commits after the create, and reaches the core before the create's answer."""
+    main_id, _ = await env.create_run(runId="run_mainrun02")
+    create_run = env.gateway.store.create_run
+
+    async def revoked_meanwhile(grant: RunGrant, token_hash: bytes) -> None:
+        await create_run(grant, token_hash)
+        assert await env.gateway.revoke_run(main_id)
+
+    monkeypatch.setattr(env.gateway.store, "create_run", revoked_meanwhile)
+    response = await env.http.post("/v1/runs", json={**VALID_CREATE, "runId": "run_subrun002",
+                                                     "mainRunId": main_id})
+    assert conforms(response, RUNS)["runId"] == "run_subrun002"
+    assert not env.gateway.hub.knows_run("run_subrun002")
+    problem(await env.http.get("/v1/runs/run_subrun002/session"), 404, "unknown-run", SESSION)
+
+
 async def test_a_run_id_is_never_reused(env: Env) -> None:
     run_id, _ = await env.create_run(runId="run_taken0001")
     body = {"runId": run_id, "capabilities": [], "secrets": {}, "config": {}}
