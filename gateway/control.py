@@ -179,8 +179,13 @@ def parse_body(raw: bytes) -> Any:
 async def read_json(request: Request) -> Any:
     """The request's JSON body, after checking its media type and size."""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media != _JSON and not (media.startswith("application/") and media.endswith("+json")):
+    structured = media.startswith("application/") and media.endswith("+json")
+    if media != _JSON and not (structured and len(media) > len("application/+json")):
         raise Problem(415, "unsupported-media-type", "send the body as application/json")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # Read as plain JSON, a compressed body would be "malformed": say what is wrong instead.
+        raise Problem(415, "unsupported-media-type", "send the body without content-encoding")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise Problem(413, "payload-too-large", f"the body is over {MAX_BODY_BYTES} bytes")

@@ -586,7 +586,9 @@ async def test_the_deepest_acceptable_config_is_accepted(env: Env) -> None:
     assert grant is not None and grant.config == config
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "application/x-www-form-urlencoded", "application/+json",
+])
 async def test_bodies_must_be_declared_json(env: Env, content_type: str | None) -> None:
     headers = {} if content_type is None else {"content-type": content_type}
     response = await env.http.post("/v1/runs", content=json.dumps(VALID_CREATE).encode(),
@@ -594,6 +596,18 @@ async def test_bodies_must_be_declared_json(env: Env, content_type: str | None) 
     problem(response, 415, "unsupported-media-type", RUNS)
     response = await env.http.post("/v1/runs", content=json.dumps(VALID_CREATE).encode(),
                                    headers={"content-type": "application/json; charset=utf-8"})
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "identity, gzip"])
+async def test_encoded_bodies_are_refused_not_misread(env: Env, encoding: str) -> None:
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    response = await env.http.post("/v1/runs", content=json.dumps(VALID_CREATE).encode(),
+                                   headers=headers)
+    assert "content-encoding" in problem(response, 415, "unsupported-media-type", RUNS)["detail"]
+    headers = {"content-type": "application/vnd.platform+json", "content-encoding": "Identity"}
+    response = await env.http.post("/v1/runs", content=json.dumps(VALID_CREATE).encode(),
+                                   headers=headers)
     assert response.status_code == 201
 
 
