@@ -99,12 +99,19 @@ ConnectionState = Literal["connecting", "attached", "reconnecting", "closed"]
 MAX_BATCH: Final = 1000
 """Events per publish frame: the schema's `maxItems`; bigger publishes go out in several frames."""
 
+DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
+"""The frame limit assumed when the attach reply does not say (`maxFrameBytes`): the default."""
+
 MAX_MESSAGE_BYTES: Final = 8 << 20
 """Largest gateway frame the client reads (input deliveries can be big; the gateway caps them)."""
 
 _OUTBOX: Final = 64  # frames queued for the writer before senders wait
 _CLOSE_TIMEOUT: Final = 2.0  # seconds a closing handshake may take before we just drop the socket
+# A cancelled exit only waits for its (cancelled) connection task to drop the socket.
+_CANCELLED_CLOSE_S: Final = 0.5
 _ids = itertools.count(1)  # request ids are unique per process, so never reused in flight
+# Longer than any id `_ids` makes, so a frame sized with it is never smaller than the one sent.
+_ID_PLACEHOLDER: Final = "c-" + "9" * 20
 
 _R = TypeVar("_R")
 
@@ -211,6 +218,11 @@ def _drafts(events: OutputDraft | Iterable[DraftLike]) -> list[OutputDraft]:
     return drafts
 
 
+def _frame_bytes(frame: str) -> int:
+    """A frame's size as the gateway measures it: UTF-8 bytes."""
+    return len(frame) if frame.isascii() else len(frame.encode("utf-8"))
+
+
 def _now_ms() -> Millis:
     """Wall-clock milliseconds: what output timestamps and `nextHeartbeatDueAt` are measured in."""
     return Millis(time.time_ns() // 1_000_000)
@@ -250,11 +262,12 @@ _DROPPED: Final = _Dropped()
 class _Waiter:
     """Where the reader leaves the one answer to one request."""
 
-    __slots__ = ("event", "outcome")
+    __slots__ = ("event", "outcome", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
         self.event = trio.Event()
         self.outcome: object = _DROPPED
+        self.size = size  # bytes of the request's frame, to find the one a 1009 close refused
 
     def settle(self, outcome: object) -> None:
         """Record the answer once; later ones (there should be none) are ignored."""
@@ -277,6 +290,7 @@ class _Link:
         self.close_code: int | None = None
         self.failure: ClientError | None = None
         self.delivered = -1  # highest input seq the gateway sent on this connection
+        self.attached_at = math.inf  # trio time of its attach reply
 
     def kill(self, reason: str, close_code: int | None = None,
              failure: ClientError | None = None) -> None:
@@ -285,6 +299,16 @@ class _Link:
             return
         self.reason, self.close_code, self.failure = reason, close_code, failure
         self.dead.set()
+        if close_code == CloseCode.MESSAGE_TOO_BIG and self.pending:
+            # The close does not say which frame it refused: the largest in flight is the one
+            # that can be over the limit. Sending it again would only close the next link too.
+            biggest = max(self.pending.values(), key=lambda waiter: waiter.size)
+            biggest.settle(GatewayError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the gateway closed the connection with 1009 (frame too big) while this "
+                f"{biggest.size}-byte frame was in flight",
+                False,
+            ))
         for waiter in self.pending.values():
             waiter.settle(_DROPPED)
         self.pending.clear()
@@ -302,12 +326,18 @@ class _Attempt:
 
 
 class _Batch:
-    """Output events published together; kept until the gateway says they are durable."""
+    """The events of one publish call; kept until the gateway says they are all durable.
 
-    __slots__ = ("done", "error", "events")
+    It goes out in as many frames as the frame limit and `MAX_BATCH` require, one at a time.
+    """
 
-    def __init__(self, events: tuple[OutputEvent, ...]) -> None:
+    __slots__ = ("done", "error", "events", "sizes", "stored")
+
+    def __init__(self, events: tuple[OutputEvent, ...], sizes: list[int]) -> None:
         self.events = events  # renumbered in place if an earlier batch is refused
+        # Each event's bytes in a frame. Renumbering only lowers seqs, so these stay upper bounds.
+        self.sizes = sizes
+        self.stored = 0  # the first events[:stored] are durable
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -340,11 +370,17 @@ class GatewaySession:
         self._seq_from_gateway = start_seq is None
         self._outbox: deque[_Batch] = deque()
         self._outbox_changed = trio.Event()
+        self._max_frame = DEFAULT_MAX_FRAME_BYTES  # the last attach reply's maxFrameBytes
+        # reconnecting: the backoff's step and when the current run of unstable links began
+        self._retries = 0
+        self._retry_since: float | None = None
         # inputs
         self._inbox, self._inbox_out = trio.open_memory_channel[InputEvent](math.inf)
         self._input_high = -1  # highest seq ever handed to `inputs()`, for de-duplication
+        self._held: InputEvent | None = None  # yielded, but its loop body has not finished
         self._processed = -1  # highest seq whose loop body finished
         self._acked = -1  # highest seq the gateway stored as acknowledged
+        self._ack_in_doubt = -1  # highest ack sent whose answer was lost with its connection
         self._ack_wanted = trio.Event()
 
     # --- what runtimes read -----------------------------------------------------------------
@@ -407,37 +443,58 @@ class GatewaySession:
         return dict(reply.kv)
 
     async def kv_set(self, mapping: Mapping[str, str]) -> None:
-        """Write keys durably; retried across reconnects (writing the same values is harmless)."""
+        """Write keys durably; retried across reconnects (writing the same values is harmless).
+
+        Raises GatewayError (retryable) if the gateway answers that it did not accept the write.
+        """
         kv = dict(mapping)
-        await self._call(
+        reply = await self._call(
             Channel.KV_SET, lambda sid: SetKVCommand(sid, self.run_id, kv), SetKVResponse
         )
+        if not reply.accepted:
+            raise GatewayError(
+                ErrorCode.INTERNAL, "the gateway did not accept the KV write (accepted: false)",
+                True,
+            )
 
     async def publish(self, events: OutputDraft | Iterable[DraftLike]) -> list[int]:
         """Publish output events; return their seqs once the gateway has stored them durably.
 
-        Seqs are assigned here, in call order. A batch the caller stops waiting for (cancelled)
-        is still sent, before any later batch: its seqs are taken and the gateway must see them.
+        Seqs are assigned here, in call order. A call the caller stops waiting for (cancelled)
+        is still sent, before any later call: its seqs are taken and the gateway must see them.
+        An event whose frame alone exceeds the gateway's `maxFrameBytes` is refused here
+        (GatewayError `payload_too_large`) and nothing of the call is sent. A call larger than
+        one frame is stored frame by frame: if a frame is refused, the call raises, the frames
+        before it stay stored and the rest of the call is not sent.
         """
         self._raise_if_stopped()
         drafts = _drafts(events)
         now = _now_ms()
-        seqs = list(range(self._next_seq, self._next_seq + len(drafts)))
-        self._next_seq += len(drafts)
-        batches = [
-            _Batch(tuple(
-                OutputEvent(f"evt-{uuid.uuid4().hex}", seq, d.type, dict(d.data), now)
-                for seq, d in zip(seqs[i:i + MAX_BATCH], drafts[i:i + MAX_BATCH], strict=True)
-            ))
-            for i in range(0, len(drafts), MAX_BATCH)
-        ]
-        self._outbox.extend(batches)
+        batch_events = tuple(
+            OutputEvent(f"evt-{uuid.uuid4().hex}", seq, d.type, dict(d.data), now)
+            for seq, d in enumerate(drafts, start=self._next_seq)
+        )
+        sizes = self._event_sizes(batch_events)
+        base = self._frame_base(self._session_id)
+        for index, (event, size) in enumerate(zip(batch_events, sizes, strict=True)):
+            if base + size > self._max_frame:
+                raise GatewayError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"output event {index} ({event.type!r}) needs a {base + size}-byte frame; "
+                    f"the gateway takes at most {self._max_frame} bytes (maxFrameBytes)",
+                    False,
+                )
+        if not batch_events:
+            return []
+        # No await since the seqs were read: no other publish can have taken them meanwhile.
+        self._next_seq += len(batch_events)
+        batch = _Batch(batch_events, sizes)
+        self._outbox.append(batch)
         self._poke_publisher()
-        for batch in batches:
-            await batch.done.wait()
-            if batch.error is not None:
-                raise copy.copy(batch.error)
-        return [event.seq for batch in batches for event in batch.events]
+        await batch.done.wait()
+        if batch.error is not None:
+            raise copy.copy(batch.error)
+        return [event.seq for event in batch.events]
 
     async def inputs(self) -> AsyncIterator[InputEvent]:
         """Input events in seq order, each once; acknowledged after the loop body finishes.
@@ -448,12 +505,19 @@ class GatewaySession:
         """
         while True:
             self._raise_if_failed()
-            try:
-                event = await self._inbox_out.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                self._raise_if_failed()
-                return
+            event = self._held
+            if event is None:
+                try:
+                    event = await self._inbox_out.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    self._raise_if_failed()
+                    return
+                # Held until the loop asks for the next one: a loop left on it (break, an
+                # exception) did not process it, so the next iteration must yield it first.
+                self._held = event
             yield event
+            if self._held is event:
+                self._held = None
             if event.seq > self._processed:
                 self._processed = event.seq
                 self._ack_wanted.set()
@@ -483,16 +547,55 @@ class GatewaySession:
                 return link
             await self._changed.wait()
 
+    def _frame_base(self, session_id: str) -> int:
+        """Bytes of a publish frame with no events (the envelope every output frame carries)."""
+        empty = PublishOutputEventsRequest(session_id, self.run_id, ())
+        return _frame_bytes(encode(Channel.OUTPUT, _ID_PLACEHOLDER, empty))
+
+    def _event_sizes(self, events: tuple[OutputEvent, ...]) -> list[int]:
+        """What each event adds to a publish frame (its JSON), so batches can be cut to fit."""
+        base = self._frame_base(self._session_id)
+        return [
+            _frame_bytes(encode(Channel.OUTPUT, _ID_PLACEHOLDER, PublishOutputEventsRequest(
+                self._session_id, self.run_id, (event,)))) - base
+            for event in events
+        ]
+
+    def _fitting(self, batch: _Batch, session_id: str) -> int:
+        """How many of the batch's unsent events the next frame can carry (0: not even one)."""
+        budget = self._max_frame - self._frame_base(session_id)
+        used = -1  # n events take their sizes plus n - 1 commas
+        count = 0
+        for size in itertools.islice(batch.sizes, batch.stored, batch.stored + MAX_BATCH):
+            used += size + 1
+            if used > budget:
+                break
+            count += 1
+        return count
+
     async def _request(self, link: _Link, channel: Channel, payload: Any) -> object:
-        """Send one command on `link` and return its answer, or `_DROPPED` if the link died."""
+        """Send one command on `link` and return its answer, or `_DROPPED` if the link died.
+
+        A frame over the gateway's limit is not sent: the answer is a GatewayError, as the
+        gateway would refuse it (or, at twice the limit, close the connection with 1009).
+        """
         if link.dead.is_set():
             return _DROPPED
         request_id = f"c-{next(_ids)}"
-        waiter = _Waiter()
+        frame = encode(channel, request_id, payload)
+        size = _frame_bytes(frame)
+        if size > self._max_frame:
+            return GatewayError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the {channel.value} frame is {size} bytes; the gateway takes at most "
+                f"{self._max_frame} bytes (maxFrameBytes)",
+                False,
+            )
+        waiter = _Waiter(size)
         link.pending[request_id] = waiter
         try:
             try:
-                await link.outbox.send(encode(channel, request_id, payload))
+                await link.outbox.send(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 link.kill("the connection's writer stopped")
                 return _DROPPED
@@ -660,6 +763,8 @@ class GatewaySession:
                         self.run_id)
         self._session_id = reply.session_id
         self._config_version = reply.config_version
+        self._max_frame = reply.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES
+        attempt.link.attached_at = trio.current_time()
         if self._seq_from_gateway and reply.next_output_seq is not None:
             # Only on the first attach: later, our own unacknowledged batches hold the seqs.
             self._next_seq = max(self._next_seq, reply.next_output_seq)
@@ -791,18 +896,29 @@ class GatewaySession:
                 return
             log.info("run %s: connection lost (%s); reconnecting", self.run_id, link.reason)
             self._set_state("reconnecting")
-            if not await self._reconnect():
+            now = trio.current_time()
+            # A link counts as restored only once it stayed up for the backoff's upper bound:
+            # then even a gateway that accepts every attach and drops it at once (or after any
+            # delay) gets at most about one attach per upper bound, and give_up_after still
+            # runs. (An answered heartbeat would prove less: some gateways answer it and drop.)
+            if self._retry_since is None or now - link.attached_at >= self._o.backoff[1]:
+                self._retries, self._retry_since = 0, now
+            if not await self._reconnect(self._retry_since):
                 return
 
-    async def _reconnect(self) -> bool:
-        """Re-attach with backoff (full jitter) and a higher epoch each try; False if we stop."""
+    async def _reconnect(self, since: float) -> bool:
+        """Re-attach with backoff (full jitter) and a higher epoch each try; False if we stop.
+
+        The backoff's step and the give-up clock (started at `since`) carry over from the
+        reconnects before, until a link proves stable (see `_supervise`).
+        """
         low, high = self._o.backoff
-        started = trio.current_time()
-        for tries in itertools.count():
-            delay = random.uniform(0, min(high, low * 2 ** min(tries, 60)))
+        while True:
+            delay = random.uniform(0, min(high, low * 2 ** min(self._retries, 60)))
+            self._retries += 1
             limit = self._o.give_up_after
-            if limit is not None and trio.current_time() + delay - started > limit:
-                self._fail(GaveUp(f"run {self.run_id}: no connection after {limit:g} s"))
+            if limit is not None and trio.current_time() + delay - since > limit:
+                self._fail(GaveUp(f"run {self.run_id}: no stable connection within {limit:g} s"))
                 return False
             await trio.sleep(delay)
             if self._closing or self._failure is not None:
@@ -817,7 +933,6 @@ class GatewaySession:
                 self._fail(attempt.error)
                 return False
             log.info("run %s: reconnect failed (%r)", self.run_id, attempt.error)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _fail(self, error: ClientError) -> None:
         """Stop for good: every pending and future call raises `error`."""
@@ -851,39 +966,63 @@ class GatewaySession:
     async def _send_batch(self, batch: _Batch) -> bool:
         """Get one batch stored (or definitively refused); False once the session has stopped."""
         low, high = self._o.backoff
+        part: tuple[OutputEvent, ...] = ()
 
         def request(session_id: str) -> PublishOutputEventsRequest:
-            return PublishOutputEventsRequest(session_id, self.run_id, batch.events)
+            # Cut for this link: a new session id, or a new limit, may change what fits.
+            nonlocal part
+            count = self._fitting(batch, session_id)
+            if count == 0:
+                raise GatewayError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"output seq {batch.events[batch.stored].seq} does not fit in a frame of "
+                    f"{self._max_frame} bytes (maxFrameBytes)",
+                    False,
+                )
+            part = batch.events[batch.stored:batch.stored + count]
+            return PublishOutputEventsRequest(session_id, self.run_id, part)
 
-        for tries in itertools.count(1):
+        tries = 0
+        while batch.stored < len(batch.events):
             try:
-                await self._call(Channel.OUTPUT, request, PublishOutputEventsResponse)
+                reply = await self._call(Channel.OUTPUT, request, PublishOutputEventsResponse)
             except GatewayError as refused:
                 if refused.retryable:
                     # Stored or not, its seqs are taken: resend the same events until stored.
+                    tries += 1
                     await trio.sleep(random.uniform(0, min(high, low * 2 ** min(tries, 60))))
                     continue
                 self._drop_batch(batch, refused)
+                return True
             except ClientError:
                 return False  # _fail already settled every queued batch
-            except Exception as error:  # e.g. data orjson cannot encode: nothing was sent
+            except Exception as error:  # a bug in encoding: nothing of this frame was sent
                 self._drop_batch(batch, error)
-            else:
-                if self._outbox and self._outbox[0] is batch:
-                    self._outbox.popleft()
-                batch.settle(None)
-            return True
-        raise AssertionError("unreachable")  # pragma: no cover
+                return True
+            if not reply.accepted:
+                # Not stored, says the gateway: like a retryable refusal, the same events again.
+                log.warning("run %s: the gateway did not accept output seqs %d-%d; retrying",
+                            self.run_id, part[0].seq, part[-1].seq)
+                tries += 1
+                await trio.sleep(random.uniform(0, min(high, low * 2 ** min(tries, 60))))
+                continue
+            tries = 0
+            batch.stored += len(part)
+        if self._outbox and self._outbox[0] is batch:
+            self._outbox.popleft()
+        batch.settle(None)
+        return True
 
     def _drop_batch(self, batch: _Batch, refused: BaseException) -> None:
-        """A refused batch stored nothing: give its seqs to the batches queued after it.
+        """A refused frame stored nothing: give its seqs, and the rest of its call's, onwards.
 
-        Only the head of the queue is ever sent, so the later batches were never seen by the
-        gateway and can be renumbered without leaving a gap or reusing a stored seq.
+        The rest of the call is not sent either (a call is not half stored on purpose). Only
+        the head of the queue is ever sent, so the later batches were never seen by the gateway
+        and can be renumbered without leaving a gap or reusing a stored seq.
         """
         if self._outbox and self._outbox[0] is batch:
             self._outbox.popleft()
-        shift = len(batch.events)
+        shift = len(batch.events) - batch.stored
         for later in self._outbox:
             later.events = tuple(evolve(e, seq=e.seq - shift) for e in later.events)
         self._next_seq -= shift
@@ -895,50 +1034,65 @@ class GatewaySession:
             await self._ack_wanted.wait()
             self._ack_wanted = trio.Event()
             await trio.sleep(self._o.ack_delay)
-            await self._flush_acks()
+            if not await self._flush_acks():
+                await trio.sleep(self._o.backoff[0])  # not in a tight loop: the gateway said no
+                self._ack_wanted.set()
 
-    async def _flush_acks(self) -> None:
-        """Send the highest ack the current connection can take (it must have delivered it)."""
+    async def _flush_acks(self, probe: bool = False) -> bool:
+        """Send the highest ack the current connection can take (it must have delivered it).
+
+        False if the gateway answered `accepted: false` (ask again later). With `probe`, an ack
+        whose answer was lost with its connection is sent again even though the new connection
+        has not redelivered it: if the gateway stored it, it redelivers nothing, and only this
+        tells a closing session that nothing is owed (if it did not, it refuses with seq_gap).
+        """
         while True:
             link = self._link
             if link is None or link.dead.is_set():
-                return  # the next attach wakes us
-            target = min(self._processed, link.delivered)
+                return True  # the next attach wakes us
+            reach = max(link.delivered, self._ack_in_doubt) if probe else link.delivered
+            target = min(self._processed, reach)
             if target <= self._acked:
-                return
+                return True
+            probing = target > link.delivered
             command = AckInputCommand(link.session_id, self.run_id, target)
             outcome = await self._request(link, Channel.INPUT_ACK, command)
             if isinstance(outcome, AckInputResponse):
+                if not outcome.accepted:
+                    log.warning("input ack %d not accepted; will ask again", target)
+                    return False
                 self._acked = max(self._acked, target)
             elif isinstance(outcome, ErrorPayload):
                 self._refused(link, outcome)
-                if not link.dead.is_set():
+                if probing:
+                    # The probe was refused: not stored, so it is redelivered and acked then.
+                    self._ack_in_doubt = -1
+                elif not link.dead.is_set():
                     log.warning("input ack refused: %s", outcome.code.value)
-                return
+                return True
             else:
-                return
+                if isinstance(outcome, _Dropped):
+                    self._ack_in_doubt = max(self._ack_in_doubt, target)
+                return True
 
     async def _stop(self) -> None:
-        """Leave cleanly: send what is owed (bounded by close_timeout), then close with 1000."""
+        """Leave cleanly: send what is owed (bounded by close_timeout), then close with 1000.
+
+        If the block is left because a scope around it was cancelled, the background tasks
+        that would send are cancelled too: close the connection and leave at once.
+        """
+        outer = trio.current_effective_deadline()  # -inf: a scope around us is cancelled
+        cancelled = outer == -math.inf
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(self._o.close_timeout):
-                try:
-                    while self._outbox and self._failure is None:
-                        await self._outbox[0].done.wait()
-                    # Until the last processed input is acknowledged: a link cut during the
-                    # flush drops it, and the next link must first redeliver what it acks.
-                    while self._processed > self._acked and self._failure is None:
-                        await self._live_link()
-                        await self._flush_acks()
-                        if self._processed > self._acked:
-                            await trio.sleep(_FLUSH_RETRY_S)
-                except ClientError:
-                    pass  # stopped for good: nothing more can be sent
+            if not cancelled:
+                # Not past the outer deadline either: the background tasks die there.
+                with trio.move_on_at(min(outer, trio.current_time() + self._o.close_timeout)):
+                    await self._flush()
             self._closing = True
             link = self._link
             if link is not None:
                 link.kill("the runtime closed the session")
-                with trio.move_on_after(_CLOSE_TIMEOUT):
+                with trio.move_on_after(_CANCELLED_CLOSE_S if cancelled else _CLOSE_TIMEOUT):
                     await link.finished.wait()
             self._inbox.close()
             closed = ClientClosed("the session closed before these events were stored")
@@ -946,6 +1100,22 @@ class GatewaySession:
                 self._outbox.popleft().settle(closed)
             self._wake()
             self._set_state("closed")
+
+    async def _flush(self) -> None:
+        """Wait until every queued batch is settled and every processed input acknowledged."""
+        try:
+            while self._outbox and self._failure is None:
+                await self._outbox[0].done.wait()
+            # Until the last processed input is acknowledged: a link cut during the flush
+            # drops it, and the next link must first redeliver what it acks (or, for an ack
+            # whose answer was lost, say it has it: the probe).
+            while self._processed > self._acked and self._failure is None:
+                await self._live_link()
+                await self._flush_acks(probe=True)
+                if self._processed > self._acked:
+                    await trio.sleep(_FLUSH_RETRY_S)
+        except ClientError:
+            pass  # stopped for good: nothing more can be sent
 
 
 def _rejection_text(rejected: ConnectionRejected) -> str:
@@ -992,7 +1162,16 @@ async def connect(
     the run's log where the gateway says it goes on (`nextOutputSeq`), unless `start_seq` says
     otherwise.
     Raises `ConnectError`, `Rejected`, `GatewayError` or `Superseded` if the first attach fails;
-    reconnects after later drops are transparent.
+    reconnects after later drops are transparent. Reconnects back off from `reconnect_backoff`'s
+    lower to its upper bound; a connection that stays up for less than the upper bound does not
+    reset that, and `give_up_after` (seconds since the last connection that did) raises GaveUp.
+
+    Leaving the block normally (or with an exception) first waits, up to `close_timeout`, for
+    pending publishes to be stored and processed inputs to be acknowledged. Leaving it because
+    a scope around it was cancelled does not wait: the connection is closed at once, inputs not
+    acknowledged yet are delivered again to the next session, and publishes not confirmed yet
+    may or may not be stored (a restarted runtime reads where the log goes on, `nextOutputSeq`,
+    from its attach reply).
     """
     low, high = reconnect_backoff
     if not 0 < low <= high:

@@ -198,3 +198,22 @@ async def test_a_higher_epoch_supersedes_the_old_client(tmp_path: Path) -> None:
                     await old.kv_set({"owner": "old again"})
                 await new.kv_set({"owner": "new"})
                 assert await new.kv_get(["owner"]) == {"owner": "new"}
+
+
+async def test_publishes_fit_the_gateways_frame_limit(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, token = await h.create_run(capabilities=ALL)
+        states: list[ConnectionState] = []
+        async with client(h, token, run_id, on_state=states.append) as s:
+            # About 5.5 KB in all: over the limit in one frame (payload_too_large), so cut in two.
+            with trio.fail_after(10):
+                drafts = [("log.line", {"text": "x" * 400, "i": i}) for i in range(12)]
+                assert await s.publish(drafts) == list(range(12))
+                # One event over twice the limit would close the connection with 1009.
+                with pytest.raises(GatewayError) as caught:
+                    await s.publish([("log.line", {"blob": "y" * 20_000})])
+                assert caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+                assert "4096" in caught.value.message
+                assert await s.publish([("log.line", {"i": 12})]) == [12]
+        assert [e["data"]["i"] for e in await stored_outputs(h, run_id)] == list(range(13))
+        assert "reconnecting" not in states

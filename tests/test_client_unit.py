@@ -18,6 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from gateway.client import (
+    MAX_BATCH,
     ClientClosed,
     ConnectionState,
     GatewayError,
@@ -78,6 +79,7 @@ class FakeGateway:
     def __init__(self) -> None:
         self.url = ""
         self.frames: list[tuple[int, Decoded]] = []
+        self.frame_bytes: list[tuple[Channel, int]] = []  # each command's size as received
         self.sockets: list[WebSocketConnection] = []
         self.close_codes: dict[int, int | None] = {}
         self.errors_sent: list[ErrorCode] = []
@@ -90,6 +92,7 @@ class FakeGateway:
         self.redeliver_from: int | None = None  # attach redelivers from here (not acked + 1)
         self.delivered: dict[int, int] = {}
         self.heartbeat_ms = 1000
+        self.max_frame_bytes: int | None = None  # what the attach reply says (None: not told)
         self.redelivery_delay = 0.0  # seconds between an attach reply and its redelivery
         self.nursery: trio.Nursery | None = None
 
@@ -140,8 +143,11 @@ class FakeGateway:
         self.sockets.append(ws)
         try:
             while True:
-                decoded = decode(await ws.get_message())
+                message = await ws.get_message()
+                decoded = decode(message)
                 assert isinstance(decoded, Decoded), decoded
+                size = len(message.encode() if isinstance(message, str) else message)
+                self.frame_bytes.append((decoded.channel, size))
                 self.frames.append((conn, decoded))
                 if self.react is not None and await self.react(conn, ws, decoded):
                     continue
@@ -153,7 +159,8 @@ class FakeGateway:
         rid, command = decoded.request_id, decoded.command
         if isinstance(command, RuntimeAttachRequest):
             await self.reply(conn, rid, RuntimeAttachResponse(
-                SESSION, RUN, self.heartbeat_ms, Millis(now_ms() + 3 * self.heartbeat_ms), "cfg-1"))
+                SESSION, RUN, self.heartbeat_ms, Millis(now_ms() + 3 * self.heartbeat_ms), "cfg-1",
+                max_frame_bytes=self.max_frame_bytes))
             start = self.acked + 1 if self.redeliver_from is None else self.redeliver_from
             pending = [e for e in self.inputs if e.seq >= start]
             if pending and self.redelivery_delay:
@@ -183,7 +190,9 @@ class FakeGateway:
             else:
                 await self.reply(conn, rid, ErrorPayload.of(ErrorCode.SEQ_GAP, "gap"))
         elif isinstance(command, AckInputCommand):
-            if command.seq > self.delivered.get(conn, -1):
+            if command.seq <= self.acked:  # as the gateway does: stored already, whatever was sent
+                await self.reply(conn, rid, AckInputResponse(True))
+            elif command.seq > self.delivered.get(conn, -1):
                 await self.reply(conn, rid, ErrorPayload.of(ErrorCode.SEQ_GAP, "not delivered"))
             else:
                 self.acked = max(self.acked, command.seq)
@@ -618,3 +627,292 @@ async def test_leaving_retries_the_last_ack_when_its_link_is_cut() -> None:
                 await iterator.__anext__()
     assert fake.acked == 1
     assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1]
+
+
+# --- frame limits ------------------------------------------------------------------------------
+
+
+async def test_publishes_are_cut_into_frames_within_the_gateways_limit() -> None:
+    async with fake_gateway() as fake:
+        fake.max_frame_bytes = 2048
+        async with session(fake) as s:
+            seqs = await s.publish([("log.line", {"text": "x" * 300, "i": i}) for i in range(20)])
+            assert seqs == list(range(20))
+            assert await s.publish([("log.line", {"i": 20})]) == [20]
+    sizes = [size for channel, size in fake.frame_bytes if channel is Channel.OUTPUT]
+    assert len(sizes) >= 4  # 20 events of 300+ bytes cannot go in fewer frames of 2 KiB
+    assert max(sizes) <= 2048
+    assert [fake.outputs[i].data.get("i") for i in range(21)] == list(range(21))
+    assert ErrorCode.SEQ_GAP not in fake.errors_sent
+
+
+async def test_a_frame_too_big_for_the_limit_is_refused_before_it_is_sent() -> None:
+    async with fake_gateway() as fake:
+        fake.max_frame_bytes = 2048
+        async with session(fake, capabilities=["kv.write"]) as s:
+            with pytest.raises(GatewayError) as caught:
+                await s.publish([("log.line", {"i": 0}), ("log.line", {"blob": "x" * 3000})])
+            assert caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            assert caught.value.retryable is False
+            assert "2048" in caught.value.message
+            with pytest.raises(GatewayError) as caught:
+                await s.kv_set({"big": "y" * 3000})
+            assert caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            assert "2048" in caught.value.message
+            # The refused call took no seqs: the next one starts the log.
+            assert await s.publish([("log.line", {"i": 1})]) == [0]
+    assert fake.commands(Channel.KV_SET) == []
+    [sent] = fake.commands(Channel.OUTPUT)
+    assert [e.data for e in sent.events] == [{"i": 1}]
+
+
+async def test_a_1009_close_fails_the_publish_in_flight_instead_of_resending_it() -> None:
+    async with fake_gateway() as fake:
+        async def too_big(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            command = decoded.command
+            if isinstance(command, PublishOutputEventsRequest) and any(
+                    e.type == "huge" for e in command.events):
+                await ws.aclose(1009)  # what a gateway does with a frame over its hard limit
+                return True
+            return False
+
+        fake.react = too_big
+        async with session(fake) as s:
+            with trio.fail_after(5), pytest.raises(GatewayError) as caught:
+                await s.publish([("huge", {"blob": "x" * 5000})])
+            assert caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            assert caught.value.retryable is False
+            assert await s.publish([("log.line", {})]) == [0]
+    assert len([c for c in fake.commands(Channel.OUTPUT) if c.events[0].type == "huge"]) == 1
+    assert [e.type for e in fake.outputs.values()] == ["log.line"]
+
+
+# --- reconnect backoff -------------------------------------------------------------------------
+
+
+async def test_a_gateway_that_drops_every_attach_is_backed_off_and_given_up_on() -> None:
+    async with fake_gateway() as fake:
+        async def flap(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if conn > 0 and decoded.channel is Channel.ATTACH:
+                await fake.answer(conn, decoded)  # attached, then dropped at once
+                await ws.aclose(1011)
+                return True
+            return False
+
+        fake.react = flap
+        async with session(fake, reconnect_backoff=(0.01, 0.2), give_up_after=0.5) as s:
+            await fake.close(0, 1011)
+            with trio.fail_after(5), pytest.raises(GaveUp):
+                await s.get_config()
+    # Each attach answered then dropped must not restart the backoff from its 10 ms.
+    assert len(fake.attaches()) < 30
+
+
+async def test_a_link_that_stayed_up_restarts_the_backoff_and_give_up_clock() -> None:
+    async with fake_gateway() as fake, session(
+            fake, reconnect_backoff=(0.01, 0.05), give_up_after=0.2) as s:
+
+        def attached(count: int) -> Callable[[], bool]:
+            return lambda: len(fake.attaches()) == count and s.state == "attached"
+
+        for conn in range(5):  # 5 drops over more than give_up_after, each after a stable link
+            await eventually(attached(conn + 1))
+            await trio.sleep(0.1)  # twice the backoff's upper bound: a stable link
+            await fake.close(conn, 1011)
+        assert await s.get_config() == {"model": "m1", "temperature": 0.5}
+        assert s.failure is None
+
+
+# --- answers that say "not accepted" -----------------------------------------------------------
+
+
+async def test_a_publish_not_accepted_is_sent_again() -> None:
+    async with fake_gateway() as fake:
+        async def refuse_once(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.OUTPUT and len(fake.commands(Channel.OUTPUT)) == 1:
+                await fake.reply(conn, decoded.request_id, PublishOutputEventsResponse(False))
+                return True
+            return False
+
+        fake.react = refuse_once
+        async with session(fake) as s:
+            assert await s.publish([("log.line", {})]) == [0]
+    first, second = fake.commands(Channel.OUTPUT)
+    assert first.events == second.events
+    assert list(fake.outputs) == [0]
+
+
+async def test_a_kv_write_not_accepted_raises() -> None:
+    async with fake_gateway() as fake:
+        async def refuse(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.KV_SET:
+                await fake.reply(conn, decoded.request_id, SetKVResponse(False))
+                return True
+            return False
+
+        fake.react = refuse
+        async with session(fake, capabilities=["kv.write"]) as s:
+            with pytest.raises(GatewayError) as caught:
+                await s.kv_set({"a": "1"})
+            assert caught.value.code is ErrorCode.INTERNAL
+            assert caught.value.retryable is True
+            assert "did not accept" in caught.value.message
+
+
+async def test_an_ack_not_accepted_is_sent_again_later() -> None:
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(0), input_event(1)]
+
+        async def refuse_first_ack(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.INPUT_ACK and len(fake.commands(Channel.INPUT_ACK)) == 1:
+                await fake.reply(conn, decoded.request_id, AckInputResponse(False))
+                return True
+            return False
+
+        fake.react = refuse_first_ack
+        async with session(fake) as s:
+            iterator = s.inputs()
+            await iterator.__anext__()
+            await iterator.__anext__()  # 0 is processed
+            await eventually(lambda: fake.acked == 0)
+    assert [c.seq for c in fake.commands(Channel.INPUT_ACK)][:2] == [0, 0]
+
+
+# --- leaving the block -------------------------------------------------------------------------
+
+
+async def test_leaving_because_an_outer_scope_was_cancelled_does_not_wait_to_flush() -> None:
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(0), input_event(1)]
+
+        async def swallow(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            return decoded.channel in (Channel.OUTPUT, Channel.INPUT_ACK)
+
+        fake.react = swallow
+        with trio.fail_after(5):  # far below close_timeout: leaving must not wait for it
+            with trio.CancelScope() as outer:
+                async with session(fake, close_timeout=30) as s, trio.open_nursery() as nursery:
+                    nursery.start_soon(s.publish, [("log.line", {})])
+                    iterator = s.inputs()
+                    await iterator.__anext__()
+                    await iterator.__anext__()  # 0 is processed, its ack is owed
+                    await eventually(lambda: bool(fake.commands(Channel.OUTPUT)))
+                    outer.cancel()
+                    await trio.sleep_forever()
+            assert outer.cancelled_caught
+            await eventually(lambda: 0 in fake.close_codes)  # the socket was closed
+    assert fake.acked == -1  # to be delivered again: a cancelled exit acknowledges nothing more
+
+
+async def test_a_normal_exit_flushes_no_longer_than_an_outer_deadline() -> None:
+    async with fake_gateway() as fake:
+        async def swallow(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            return decoded.channel is Channel.OUTPUT
+
+        fake.react = swallow
+        kept: list[GatewaySession] = []
+        with trio.fail_after(5):
+            with trio.move_on_after(0.3):
+                async with session(fake, close_timeout=30) as s:
+                    kept.append(s)
+                    with trio.move_on_after(0.05):
+                        await s.publish([("log.line", {})])
+            assert kept[0].state == "closed"
+
+
+async def test_leaving_after_a_stored_ack_lost_its_reply_does_not_wait() -> None:
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(0), input_event(1)]
+
+        async def store_then_cut(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.INPUT_ACK and conn == 0:
+                assert isinstance(decoded.command, AckInputCommand)
+                fake.acked = decoded.command.seq  # durable; only the reply is lost
+                await ws.aclose(1012)
+                return True
+            return False
+
+        fake.react = store_then_cut
+        with trio.fail_after(5):  # far below close_timeout: nothing is owed
+            async with session(fake, ack_delay=5.0, close_timeout=30) as s:
+                iterator = s.inputs()
+                await iterator.__anext__()
+                await iterator.__anext__()
+                with trio.move_on_after(0.01):  # asking for the next marks 1 as processed
+                    await iterator.__anext__()
+    assert fake.acked == 1
+    assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1]
+
+
+async def test_leaving_after_a_lost_ack_waits_for_the_redelivery_if_it_was_not_stored() -> None:
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(0), input_event(1)]
+
+        async def cut_first_ack(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            if decoded.channel is Channel.INPUT_ACK and conn == 0:
+                fake.redelivery_delay = 0.2  # the probe arrives before the redelivery
+                await ws.aclose(1012)
+                return True
+            return False
+
+        fake.react = cut_first_ack
+        async with session(fake, ack_delay=5.0) as s:
+            iterator = s.inputs()
+            await iterator.__anext__()
+            await iterator.__anext__()
+            with trio.move_on_after(0.01):
+                await iterator.__anext__()
+    assert fake.acked == 1
+    # The probe is refused (not stored), and sent once more only after the redelivery.
+    assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1, 1]
+    assert fake.errors_sent.count(ErrorCode.SEQ_GAP) == 1
+
+
+# --- calls larger than one frame ---------------------------------------------------------------
+
+
+async def test_a_refused_frame_drops_the_rest_of_its_call() -> None:
+    async with fake_gateway() as fake:
+        async def refuse_bad(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+            command = decoded.command
+            if isinstance(command, PublishOutputEventsRequest) and command.events[0].type == "bad":
+                await fake.reply(conn, decoded.request_id, ErrorPayload.of(
+                    ErrorCode.INVALID_FRAME, "bad type", "/payload/events/0/type"))
+                return True
+            return False
+
+        fake.react = refuse_bad
+        async with session(fake) as s:
+            with pytest.raises(GatewayError):
+                await s.publish([("bad", {})] + [("good", {"i": i}) for i in range(MAX_BATCH)])
+            assert await s.publish([("after", {})]) == [0]
+    assert len(fake.commands(Channel.OUTPUT)) == 2  # the refused frame and "after"
+    assert [e.type for e in fake.outputs.values()] == ["after"]
+
+
+# --- inputs left unprocessed -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+async def test_an_input_the_loop_left_comes_first_next_time_and_is_not_acked_before(
+    leave: str,
+) -> None:
+    async with fake_gateway() as fake:
+        fake.inputs = [input_event(i) for i in range(3)]
+        async with session(fake) as s:
+            with pytest.raises(KeyError) if leave == "raise" else trio.CancelScope():
+                async for event in s.inputs():
+                    if event.seq == 1:
+                        if leave == "raise":
+                            raise KeyError("the body failed on 1")
+                        break
+            await eventually(lambda: fake.acked == 0)
+            seen = []
+            async for event in s.inputs():
+                seen.append(event.seq)
+                assert fake.acked < event.seq  # nothing is acknowledged before its body ran
+                if event.seq == 2:
+                    break
+            assert seen == [1, 2]
+            await eventually(lambda: fake.acked == 1)
+    assert fake.acked == 1  # 2 was left unprocessed: only the close would have acked it
