@@ -19,6 +19,7 @@ from gateway.store.base import InputConflict, NewInput, RunExists, StoreError, U
 from gateway.store.sqlite import (
     READ_GROUP,
     SCHEMA_VERSION,
+    SQL_INPUT_BY_EVENT,
     SQLiteStore,
     _Request,
     _run_group,
@@ -621,11 +622,10 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
         assert await store.post_inputs("r", inputs(3)) == [0, 1, 2]  # two known, one new
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    plan = raw.execute(
-        "EXPLAIN QUERY PLAN SELECT seq FROM inputs WHERE run_id = 'r' AND event_id = 'in1'"
-    ).fetchall()
+    # The store's own lookup: without the index it scans the run's whole queue per event.
+    plan = raw.execute("EXPLAIN QUERY PLAN " + SQL_INPUT_BY_EVENT, ("r", "in1")).fetchall()
     raw.close()
-    assert "inputs_by_event" in str(plan)
+    assert "USING INDEX inputs_by_event (run_id=? AND event_id=?)" in str(plan)
 
 
 # --- concurrency ----------------------------------------------------------------------------------
