@@ -77,7 +77,7 @@ from statemachine.messages import (
     SetKVResponse,
 )
 from statemachine.policy import Policy
-from statemachine.records import RunGrant, SessionState
+from statemachine.records import RunGrant
 from statemachine.session import Claimant, Session
 from statemachine.table import Trigger
 
@@ -191,6 +191,16 @@ class Hub:
             if session is not None:
                 session.connection_lost(conn_id, now, out)
 
+    def _let_go(self, conn_id: ConnId | None, run_id: str) -> None:
+        """The run's session no longer holds the connection: stop counting it among its runs."""
+        conn = self.connections.get(conn_id) if conn_id is not None else None
+        if conn is not None:
+            conn.runs.discard(run_id)
+
+    def _check_deadlines(self, session: Session, now: Millis, out: list[Effect]) -> None:
+        """Apply the session's passed deadlines; a closed window also ends its connection's hold."""
+        self._let_go(session.check_deadlines(now, out), session.run_id)
+
     def _open(self, conn_id: ConnId) -> Connection | None:
         conn = self.connections.get(conn_id)
         return None if conn is None or conn.closed else conn
@@ -224,13 +234,10 @@ class Hub:
         for run_id in sorted(doomed):
             session = self.sessions.pop(run_id, None)
             if session is not None:
-                holder = session.revoke(event.now, out)
-                link = self.connections.get(holder) if holder is not None else None
-                if link is not None:
-                    # A sub-run rides on its main run's connection: revoking only the sub-run
-                    # ends its session there, not the link (4002 tells a runtime not to come
-                    # back). Links of a revoked main run are all closed just below.
-                    link.runs.discard(run_id)
+                # A sub-run rides on its main run's connection: revoking only the sub-run ends
+                # its session there, not the link (4002 tells a runtime not to come back).
+                # Links of a revoked main run are all closed just below.
+                self._let_go(session.revoke(event.now, out), run_id)
             self.grants.pop(run_id, None)
         for conn_id, conn in list(self.connections.items()):
             if conn.principal in doomed:
@@ -240,7 +247,7 @@ class Hub:
         if event.record.run_id in self.grants:
             session = self._session(event.record.run_id)
             session.restore(event.record, event.now)
-            session.check_deadlines(event.now, out)
+            self._check_deadlines(session, event.now, out)
 
     def _connection_opened(self, event: ConnectionOpened, out: list[Effect]) -> None:
         self.connections[event.conn] = Connection(
@@ -259,7 +266,7 @@ class Hub:
     def _timer_fired(self, event: TimerFired, out: list[Effect]) -> None:
         session = self.sessions.get(event.run_id)
         if session is not None:
-            session.timer_fired(event.now, out)
+            self._let_go(session.timer_fired(event.now, out), session.run_id)
 
     def _inputs_posted(self, event: InputsPosted, out: list[Effect]) -> None:
         session = self.sessions.get(event.run_id)
@@ -306,16 +313,20 @@ class Hub:
         """The session of a run this connection's token may act on: its own run or a sub-run."""
         grant = self.grants.get(run_id)
         if grant is None or (run_id != conn.principal and grant.main_run_id != conn.principal):
-            raise Refused.because(ErrorCode.FORBIDDEN_RUN, "this token may not act on that run")
+            raise Refused(_forbidden_run())
         return self._session(run_id)
 
-    def _held(self, conn: Connection, run_id: str) -> Session:
+    def _held(
+        self, conn: Connection, event: CommandReceived, run_id: str, out: list[Effect]
+    ) -> Session:
         """The session a command addresses, which this connection must have attached."""
         session = self.sessions.get(run_id) if run_id in conn.runs else None
         if session is None:
             raise Refused.because(
                 ErrorCode.NOT_ATTACHED, "this connection has not attached that run; attach first"
             )
+        # Before the session looks at the command: a lease or window that ran out decides it.
+        self._check_deadlines(session, event.now, out)
         return session
 
     def _attach(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
@@ -326,7 +337,7 @@ class Hub:
                 f"protocolVersion must be one of {sorted(PROTOCOL_VERSIONS)}",
             )
         session = self._authorized(conn, command.run_id)
-        session.check_deadlines(event.now, out)
+        self._check_deadlines(session, event.now, out)
         epoch = command.connection_epoch
         if epoch is None:
             epoch = max(session.epoch, 0)
@@ -354,14 +365,15 @@ class Hub:
             if sub is not main:
                 sessions.append(sub)
         for session in sessions:
-            session.check_deadlines(event.now, out)
+            self._check_deadlines(session, event.now, out)
         if main.session_id != command.session_id or main.session_id == "":
             raise Refused.because(
                 ErrorCode.SESSION_MISMATCH, "sessionId is not mainRunId's session"
             )
-        if any(session.state is SessionState.DETACHED for session in sessions):
-            # Nothing to resume: the attempt was lost (or a sub-run never attached). Not an error:
-            # the protocol's answer is "no", and the runtime starts over with a fresh attach.
+        if not all(session.resumable() for session in sessions):
+            # Nothing to resume: the attempt was lost, a sub-run never attached, or its only
+            # session is a fresh attach not granted (its sessionId was never told to the runtime).
+            # Not an error: the protocol's answer is "no", and the runtime attaches afresh.
             out.append(SendReply(event.conn, event.request_id, RecoverConnectionsResponse(False)))
             return
         epoch = command.connection_epoch
@@ -406,7 +418,7 @@ class Hub:
 
     def _heartbeat(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
         command: HeartbeatCommand = event.command  # type: ignore[assignment]
-        session = self._held(conn, command.run_id)
+        session = self._held(conn, event, command.run_id, out)
         session.heartbeat(event.conn, event.request_id, command, event.now, out)
         # A failed input read is retried at the heartbeat's pace, not left until the next post.
         self._pump(session, out)
@@ -420,7 +432,7 @@ class Hub:
         needs: Capability | None,
         out: list[Effect],
     ) -> Session:
-        session = self._held(conn, run_id)
+        session = self._held(conn, event, run_id, out)
         session.use(event.conn, session_id, needs, event.now, out)
         return session
 
@@ -555,6 +567,15 @@ class Hub:
         whole = all(s is not None and s.claim_ticket == event.ticket for s in sessions)
         claim = answer if isinstance(answer, EpochClaimed) and whole else None
         granted = [s.claim_answered(event.ticket, claim, event.now, out) for s in sessions if s]
+        for session in sessions:
+            if session is not None and session.conn != pending.conn:
+                self._let_go(pending.conn, session.run_id)  # given up, or taken by a later claim
+        if any(session is None for session in sessions):
+            # The platform revoked a run while the claim was in flight (revocation is the only
+            # thing that removes a session). Answer what the command gets had the revocation come
+            # first; the other runs' failed claims RELEASE them, so a recover without it can
+            # succeed. Not stale_epoch: no higher epoch holds anything here.
+            return _forbidden_run()
         if isinstance(answer, StoreFailed):
             return ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
         if not whole:
@@ -575,3 +596,8 @@ class Hub:
         else:
             # No retry loop against a failing store: the next post or re-attach pumps again.
             session.input_read_failed(event.ticket)
+
+
+def _forbidden_run() -> ErrorPayload:
+    """What a command naming a run its token may not act on (or a revoked run) is told."""
+    return ErrorPayload.of(ErrorCode.FORBIDDEN_RUN, "this token may not act on that run")

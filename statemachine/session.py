@@ -122,24 +122,32 @@ class Session:
 
     # --- time -----------------------------------------------------------------------------------
 
-    def check_deadlines(self, now: Millis, out: list[Effect]) -> None:
-        """Apply deadlines that have passed, so correctness never waits on a timer's punctuality."""
+    def check_deadlines(self, now: Millis, out: list[Effect]) -> ConnId | None:
+        """Apply deadlines that have passed, so correctness never waits on a timer's punctuality.
+
+        Return the connection the session let go of because its recovery window closed, if any.
+        """
         if self.state is _S.LEASED and now < self.lease_expires_at and self.armed is not None:
-            return  # the common case, on every heartbeat: nothing due, a timer already armed
+            return None  # the common case, on every heartbeat: nothing due, a timer already armed
+        lost: ConnId | None = None
         if self.state is _S.LEASED and now >= self.lease_expires_at:
             self._fire(Trigger.LEASE_DEADLINE, now, out)  # EXPIRE
             self.recovery_deadline = Millis(self.lease_expires_at + self.policy.recovery_window_ms)
             out.append(SaveSession(self.record()))
         if self.state is _S.EXPIRED and now >= self.recovery_deadline:
             self._fire(Trigger.RECOVERY_DEADLINE, now, out)  # LOSE
+            # The attempt is over: a silent connection left bound would fence the next attempt
+            # ("another connection holds this run") although nothing holds it any more.
+            lost = self._unbind()
             out.append(AttemptLost(self.run_id, self.attempt_id, now))
             out.append(SaveSession(self.record()))
         self._arm(out)
+        return lost
 
-    def timer_fired(self, now: Millis, out: list[Effect]) -> None:
-        """The shell's timer came: expire what is due, and ask for the next deadline."""
+    def timer_fired(self, now: Millis, out: list[Effect]) -> ConnId | None:
+        """The shell's timer came: expire what is due; return the connection let go, if any."""
         self.armed = None
-        self.check_deadlines(now, out)
+        return self.check_deadlines(now, out)
 
     def _arm(self, out: list[Effect]) -> None:
         """Keep one timer per session, armed no later than the next deadline that matters."""
@@ -156,6 +164,13 @@ class Session:
             out.append(ArmTimer(self.run_id, due))
 
     # --- claiming the session -------------------------------------------------------------------
+
+    def resumable(self) -> bool:
+        """Whether a runtime was granted this session, so a reconnect or recover may resume it."""
+        # DETACHED: lost, revoked or never granted. ATTACHED: a fresh session whose claim is in
+        # flight or was refused; its sessionId was never told to a runtime, so resuming it would
+        # lease the run under an id no runtime knows.
+        return self.session_id != "" and self.state in (_S.LEASED, _S.EXPIRED, _S.RECOVERING)
 
     def guard_epoch(self, epoch: int, conn: ConnId) -> None:
         """Refuse an epoch that cannot take the session: lower than seen, or equal but held."""
@@ -181,10 +196,13 @@ class Session:
         out: list[Effect],
     ) -> ConnId | None:
         """Take the session for `conn` at `epoch`; return the connection it displaced, if any."""
-        resumable = self.session_id != "" and self.state is not _S.DETACHED
-        if trigger is Trigger.ATTACH or not resumable:
+        resumes = trigger is Trigger.REATTACH and self.resumable()
+        if not resumes:
             self.session_id = claimant.fresh_session_id
             self.attempt_id = claimant.attempt_id
+        # The connection that already holds the session, resuming it: what went out on it
+        # stays sent (a live connection is sent nothing twice, and may ack all of it).
+        same_link = resumes and self.conn == conn
         if claimant.runtime_instance_id is not None:
             self.runtime_instance_id = claimant.runtime_instance_id
         if claimant.capabilities is not None:
@@ -195,8 +213,10 @@ class Session:
         self.conn = conn
         self.epoch = epoch
         self.claim_ticket = ticket
-        self.input_sent = -1
-        self.input_reading = None
+        if not same_link:
+            # A new connection, or a new session: redeliver from the last ack once granted.
+            self.input_sent = -1
+            self.input_reading = None
         return displaced
 
     def claim_answered(
@@ -211,6 +231,9 @@ class Session:
         else:
             trigger = Trigger.CLAIM_HELD if claim.ok else Trigger.CLAIM_FENCED
         action = self._fire(trigger, now, out)
+        if action is Action.GIVE_UP:
+            # The session is not this runtime's: its connection must not fence the next claimer.
+            self._unbind()
         if action is Action.RELEASE:
             # The runtime was told `internal` (retryable): its retry must find the session.
             self.recovery_deadline = Millis(
@@ -224,7 +247,8 @@ class Session:
         self.output_next = claim.output_last_seq.get(self.run_id, -1) + 1
         self.input_acked = max(self.input_acked, claim.input_acked_seq.get(self.run_id, -1))
         self.input_last = max(self.input_last, claim.input_last_seq.get(self.run_id, -1))
-        self.input_sent = self.input_acked  # redeliver whatever was not acknowledged
+        # Redeliver whatever was not acknowledged, unless this very connection was sent it.
+        self.input_sent = max(self.input_sent, self.input_acked)
         self._arm(out)
         return True
 
@@ -245,8 +269,11 @@ class Session:
     def _guard_caller(
         self, conn: ConnId, session_id: str, trigger: Trigger, now: Millis, out: list[Effect]
     ) -> Action:
-        """Check the caller holds this session, then look the trigger up."""
-        self.check_deadlines(now, out)
+        """Check the caller holds this session, then look the trigger up.
+
+        The hub applies passed deadlines first (`check_deadlines`), since a closed window also
+        ends the connection's hold, which the hub tracks too.
+        """
         if conn != self.conn:
             raise Refused.because(
                 ErrorCode.NOT_ATTACHED,
@@ -343,22 +370,25 @@ class Session:
 
     # --- losing the connection or the run -------------------------------------------------------
 
+    def _unbind(self) -> ConnId | None:
+        """Forget the connection; whoever holds the session next is redelivered from the ack."""
+        conn, self.conn = self.conn, None
+        self.input_sent = -1
+        self.input_reading = None
+        return conn
+
     def connection_lost(self, conn: ConnId, now: Millis, out: list[Effect]) -> None:
         """The connection holding the session is gone; the lease runs on until its deadline."""
         if conn != self.conn:
             return
         self._fire(Trigger.CONNECTION_LOST, now, out)  # UNBIND
-        self.conn = None
-        self.input_sent = -1
-        self.input_reading = None
+        self._unbind()
 
     def revoke(self, now: Millis, out: list[Effect]) -> ConnId | None:
         """The run was revoked: end the session; return the connection to close, if any."""
         self._fire(Trigger.REVOKED, now, out)  # END
-        conn, self.conn = self.conn, None
         self.claim_ticket = None
-        self.input_reading = None
-        return conn
+        return self._unbind()
 
     def restore(self, record: SessionRecord, now: Millis) -> None:
         """Resume from the store after a gateway restart, with a fresh grace period."""

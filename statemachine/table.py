@@ -37,14 +37,14 @@ class Action(Name):
 
     CLAIM = "claim"  # take the session at an epoch: supersede the old connection, ask the store
     GRANT = "grant"  # the claim held: grant the lease and answer the claimer
-    GIVE_UP = "give_up"  # the claim did not hold: the session is not this runtime's
+    GIVE_UP = "give_up"  # the claim did not hold: the session is not this runtime's; unbind
     RELEASE = "release"  # a resuming claim failed: keep the session resumable (window open)
     RENEW = "renew"  # extend the lease
     SERVE = "serve"  # do what the command asks
     NOT_ATTACHED = "not_attached"  # refuse: no lease held on this connection yet
     LEASE_EXPIRED = "lease_expired"  # refuse: the lease ran out; recover first
     EXPIRE = "expire"  # the lease ran out: start the recovery window
-    LOSE = "lose"  # the recovery window closed: report the attempt lost
+    LOSE = "lose"  # the recovery window closed: report the attempt lost; unbind
     UNBIND = "unbind"  # forget the connection; the lease runs on
     END = "end"  # the run was revoked
     IGNORE = "ignore"  # nothing to do (a late timer, a duplicate fact)
@@ -69,7 +69,8 @@ T, X = Trigger, Action
 
 # fmt: off
 TRANSITIONS: Final[dict[tuple[SessionState, Trigger], Transition]] = {
-    # DETACHED: no session, or one that was lost or revoked.
+    # DETACHED: no session, or one that was lost or revoked. No connection holds it (GIVE_UP, LOSE
+    # and END unbind), so the caller guard refuses commands first; the entries fail closed anyway.
     (D, T.ATTACH): Transition(A, X.CLAIM),            (D, T.REATTACH): Transition(A, X.CLAIM),
     (D, T.CLAIM_HELD): Transition(D, X.IGNORE),       (D, T.CLAIM_FENCED): Transition(D, X.IGNORE),
     (D, T.CLAIM_FAILED): Transition(D, X.IGNORE),

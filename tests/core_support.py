@@ -492,9 +492,9 @@ def session_in(state: SessionState, policy: Policy | None = None) -> Held:
     """Bring the main run's session into `state` through real inputs only.
 
     ATTACHED: an attach whose claim is unanswered. LEASED: the claim held. EXPIRED: the lease
-    timer fired at its deadline. DETACHED: then the recovery window closed too (the silent
-    connection still holds it). RECOVERING: a second connection re-attached with a higher epoch
-    (superseding the first) and its claim is unanswered.
+    timer fired at its deadline. DETACHED: then the recovery window closed too (the session let
+    go of the silent connection, which stays open). RECOVERING: a second connection re-attached
+    with a higher epoch (superseding the first) and its claim is unanswered.
     """
     d = Driver(policy, runs=[grant(MAIN)])
     d.open(1)

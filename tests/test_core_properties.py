@@ -69,11 +69,12 @@ from statemachine.records import SessionState
 from statemachine.table import TRANSITIONS, Trigger
 
 RUNS = (MAIN, SUB)
-L, A, R, E = (
+L, A, R, E, D = (
     SessionState.LEASED,
     SessionState.ATTACHED,
     SessionState.RECOVERING,
     SessionState.EXPIRED,
+    SessionState.DETACHED,
 )
 
 picks = st.integers(min_value=0, max_value=15)
@@ -182,6 +183,10 @@ class HubMachine(RuleBasedStateMachine):
                 assert epoch >= self.max_epoch.get(run_id, -1), "epoch went down"
                 self.max_epoch[run_id] = epoch
         elif isinstance(effect, SessionChanged):
+            if effect.new is D:
+                # Given up, lost or revoked: the session lets go of its connection, which holds
+                # nothing more (a new attempt may take the run without superseding it).
+                self.holder[effect.run_id] = None
             if effect.new is E:
                 self.expired.add(effect.run_id)
             if effect.new is L:
@@ -236,10 +241,15 @@ class HubMachine(RuleBasedStateMachine):
         event = CommandReceived(conn, request_id, command, self.d.now, fresh)
         before, dead, epochs = dict(self.holder), set(self.dead), dict(self.max_epoch)
         effects = self.feed(event, request_id)
-        for claim in (e for e in effects if isinstance(e, ClaimEpoch)):
+        for index, claim in enumerate(effects):
+            if not isinstance(claim, ClaimEpoch):
+                continue
             for c in claim.claims:
                 run_id = c.record.run_id
                 previous = before.get(run_id)
+                if any(isinstance(e, SessionChanged) and e.run_id == run_id and e.new is D
+                       for e in effects[:index]):
+                    previous = None  # its window closed on this command: the holder let go
                 if previous not in (None, conn) and previous not in dead:
                     # (e) only a higher epoch takes a run from a live holder, and closes it.
                     assert c.record.epoch > epochs[run_id], "an equal epoch took a live session"

@@ -299,6 +299,38 @@ def test_unacknowledged_inputs_are_redelivered_after_reconnect() -> None:
     assert frames_to(effects, 1) == []
 
 
+@pytest.mark.parametrize("read_in_flight", [False, True])
+@pytest.mark.parametrize("how", ["recover", "reattach"])
+def test_a_resume_on_the_live_connection_sends_nothing_twice(
+    how: str, read_in_flight: bool
+) -> None:
+    """A recover or reconnect attach from the link that holds the session is no reconnect.
+
+    What went out on the link stays sent: nothing is delivered again, and an ack of it is
+    accepted. A store read in flight when the resume came still delivers what it read, once.
+    """
+    d, sid = leased(epoch=1)
+    d.post_inputs(MAIN, 3)
+    delivered = only(of_type(d.settle(), DeliverInputs))
+    assert [e.seq for e in delivered.delivery.events] == [0, 1, 2]
+    if read_in_flight:
+        d.post_inputs(MAIN, 2)  # its read is left unanswered
+    command = (recover_cmd(sid, MAIN) if how == "recover"
+               else attach_cmd(MAIN, epoch=1, reconnect=True))
+    effects = d.send(1, command, request_id="again")
+    effects += d.answer_from_store(d.ticket_of(ClaimEpoch))  # granted
+    effects += d.send(1, ack_cmd(sid, MAIN, 2), request_id="ack")
+    effects += d.settle()
+    if how == "recover":
+        assert reply_of(effects, RecoverConnectionsResponse, "again").accepted
+    else:
+        assert reply_of(effects, RuntimeAttachResponse, "again").session_id == sid
+    assert reply_of(effects, AckInputResponse, "ack").accepted
+    assert d.store.acked[MAIN] == 2
+    sent = [e.seq for x in of_type(effects, DeliverInputs) for e in x.delivery.events]
+    assert sent == ([3, 4] if read_in_flight else [])
+
+
 def test_inputs_posted_before_attach_are_delivered_after_the_attach_reply() -> None:
     d = Driver(runs=[grant(MAIN)])
     d.post_inputs(MAIN, 2)
@@ -561,6 +593,26 @@ def test_after_the_window_the_attempt_is_lost_and_only_a_fresh_attach_helps() ->
     assert fresh != sid
 
 
+def test_a_lost_attempt_lets_go_of_its_silent_connection() -> None:
+    """Once the window closed, the old link holds nothing: it neither fences the next attempt
+    (which need not know the epoch) nor acts on the session."""
+    d, sid = leased(epoch=1)
+    expire(d)
+    d.advance_to(d.session(MAIN).recovery_deadline)
+    assert len(of_type(d.fire_timers(), AttemptLost)) == 1
+    assert d.hub.connections[1].runs == set()
+    d.open(2)  # the platform's next attempt; connection 1 is silent but open
+    effects = d.send(2, attach_cmd(MAIN, attempt="attempt-2"), request_id="new")
+    effects += d.settle()
+    new_sid = reply_of(effects, RuntimeAttachResponse, "new").session_id
+    assert of_type(effects, CloseConnection) == []  # nothing superseded: 1 held nothing
+    assert (d.session(MAIN).state, d.session(MAIN).conn, d.session(MAIN).epoch) == (L, 2, 1)
+    for command in (heartbeat_cmd(sid, MAIN), config_cmd(sid, MAIN), config_cmd(new_sid, MAIN)):
+        assert error_code(d.send(1, command)) is ErrorCode.NOT_ATTACHED
+    d.lose(1)
+    assert reply_of(d.send(2, heartbeat_cmd(new_sid, MAIN)), HeartbeatResponse).accepted
+
+
 def test_the_window_closes_lazily_too() -> None:
     d, sid = leased()
     d.lose(1)
@@ -621,26 +673,45 @@ def test_recover_is_all_or_nothing(flaw: str) -> None:
 
 
 def test_a_refused_recover_leases_nothing() -> None:
-    """A recover answered with an error must not leave a run leased to a link never told so.
+    """A recover answered with an error must not leave a run leased to the link it refused.
 
-    Here the runtime pipelines an attach of the sub-run, a recover of both runs, and a fresh
-    attach of the main run. The fresh attach supersedes the recover's claim on the main run, so
-    the recover is refused; the sub-run's attach was superseded by the recover, so it is refused
-    too. The connection never learns the sub-run's sessionId, so the sub-run must not be leased
-    to it (its inputs would go out under a session the runtime does not know).
+    Here the runtime pipelines a recover of both runs and a fresh attach of the main run. The
+    fresh attach supersedes the recover's claim on the main run, so the recover is refused; its
+    claim on the sub-run must not lease the sub-run either (the runtime was told it failed).
     """
     d, sid = leased(epoch=1)
-    d.send(1, attach_cmd(SUB), request_id="sub")
+    d.attach_leased(1, SUB, epoch=1)
     d.send(1, recover_cmd(sid, MAIN, [SUB]), request_id="recover")
     d.send(1, attach_cmd(MAIN), request_id="main")
     effects = d.settle()
-    assert error_code(effects, "sub") is ErrorCode.STALE_EPOCH
     assert error_code(effects, "recover") is ErrorCode.STALE_EPOCH
     reply_of(effects, RuntimeAttachResponse, "main")
-    sub = d.session(SUB)
-    assert not (sub.state is L and sub.conn == 1), "SUB leased to a connection told it was refused"
+    assert d.session(SUB).state is not L
     effects = d.post_inputs(SUB, 1) + d.settle()
     assert of_type(effects, DeliverInputs) == []
+
+
+def test_a_recover_never_resumes_a_sub_run_the_runtime_was_not_granted() -> None:
+    """A sub-run whose only session is a fresh attach still in flight is not resumable.
+
+    Its sessionId is told to the runtime only by that attach's reply; a recover that resumed it
+    would refuse the attach (its claim superseded) and lease the sub-run under an id the runtime
+    never learns. So the recover is refused like one naming a DETACHED sub-run, and the attach
+    goes on to be granted.
+    """
+    d, sid = leased(epoch=1)
+    d.send(1, attach_cmd(SUB), request_id="sub")
+    before = snapshot(d, MAIN, SUB)
+    effects = d.send(1, recover_cmd(sid, MAIN, [SUB]), request_id="recover")
+    assert reply_of(effects, RecoverConnectionsResponse, "recover") == RecoverConnectionsResponse(
+        False
+    )
+    assert of_type(effects, ClaimEpoch) == [] and snapshot(d, MAIN, SUB) == before
+    effects = d.settle()
+    told = reply_of(effects, RuntimeAttachResponse, "sub").session_id
+    assert (d.session(SUB).state, d.session(SUB).conn, d.session(SUB).session_id) == (L, 1, told)
+    delivery = only(of_type(d.post_inputs(SUB, 1) + d.settle(), DeliverInputs))
+    assert delivery.delivery.session_id == told
 
 
 def test_recover_of_a_sub_run_names_only_its_main() -> None:
@@ -744,6 +815,22 @@ def test_a_claim_fenced_by_the_store_is_stale_and_detaches() -> None:
     assert error_code(d.send(1, heartbeat_cmd(sid, MAIN))) is ErrorCode.NOT_ATTACHED
 
 
+def test_a_claim_given_up_lets_go_of_its_connection() -> None:
+    """A fresh attach the store failed leaves the run DETACHED and held by no connection, so
+    another link may attach it without knowing the epoch; the first link holds nothing."""
+    d = Driver(runs=[grant(MAIN)])
+    d.open(1)
+    d.send(1, attach_cmd(MAIN), request_id="first")
+    effects = d.fail(d.ticket_of(ClaimEpoch))
+    assert error_code(effects, "first") is ErrorCode.INTERNAL
+    assert (d.session(MAIN).state, d.session(MAIN).conn) == (D, None)
+    assert d.hub.connections[1].runs == set()
+    d.open(2)
+    d.send(2, attach_cmd(MAIN), request_id="second")
+    sid = reply_of(d.settle(), RuntimeAttachResponse, "second").session_id
+    assert error_code(d.send(1, heartbeat_cmd(sid, MAIN))) is ErrorCode.NOT_ATTACHED
+
+
 def test_the_epoch_never_goes_down() -> None:
     d, sid = leased(epoch=4)
     d.lose(1)
@@ -789,6 +876,38 @@ def test_revoking_a_sub_run_leaves_the_main_run_connected() -> None:
     assert (d.session(MAIN).state, d.session(MAIN).conn) == (L, 1)
     assert reply_of(d.send(1, heartbeat_cmd(sid, MAIN)), HeartbeatResponse).accepted
     assert isinstance(only(answers(d.send(1, heartbeat_cmd(sub_sid, SUB)))), SendError)
+
+
+def test_revoking_a_sub_run_while_a_recover_claims_it_is_forbidden_run() -> None:
+    """The recover is answered as if the revocation came first (no higher epoch holds anything,
+    so not stale_epoch, which would tell the runtime to drop the link), and the main run stays
+    resumable: a recover without the sub-run resumes it."""
+    d, sid = leased(epoch=1)
+    d.attach_leased(1, SUB, epoch=1)
+    d.lose(1)
+    d.open(2)
+    d.send(2, recover_cmd(sid, MAIN, [SUB], epoch=2), request_id="rc")
+    d.feed(RunRevoked(SUB, d.now))
+    effects = d.settle()
+    refusal = error_of(effects, "rc")
+    assert (refusal.code, refusal.retryable) == (ErrorCode.FORBIDDEN_RUN, False)
+    assert error_code(d.send(2, recover_cmd(sid, MAIN, [SUB]))) is ErrorCode.FORBIDDEN_RUN
+    main = d.session(MAIN)
+    assert (main.state, main.session_id, main.conn) == (E, sid, 2)
+    d.send(2, recover_cmd(sid, MAIN), request_id="again")
+    assert reply_of(d.settle(), RecoverConnectionsResponse, "again").accepted
+    assert reply_of(d.send(2, heartbeat_cmd(sid, MAIN)), HeartbeatResponse).accepted
+
+
+def test_an_attach_of_a_sub_run_revoked_in_flight_is_forbidden_run() -> None:
+    """Not stale_epoch: that tells the runtime to stop using a link its main run still holds."""
+    d, sid = leased(epoch=1)
+    d.send(1, attach_cmd(SUB, epoch=1), request_id="sub")
+    d.feed(RunRevoked(SUB, d.now))
+    effects = d.settle()
+    assert error_code(effects, "sub") is ErrorCode.FORBIDDEN_RUN
+    assert error_code(d.send(1, attach_cmd(SUB, epoch=1))) is ErrorCode.FORBIDDEN_RUN
+    assert reply_of(d.send(1, heartbeat_cmd(sid, MAIN)), HeartbeatResponse).accepted
 
 
 # --- draining -----------------------------------------------------------------------------------
