@@ -13,7 +13,7 @@ import logging
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import trio
 from attrs import evolve, frozen
@@ -80,6 +80,9 @@ from statemachine.messages import (
 from statemachine.records import RunGrant, SessionState
 
 log = logging.getLogger("agent_gateway")
+
+STORE_ANSWER_WAIT_S: Final = 30.0
+"""How long one store operation may take before the core is told that it failed."""
 
 
 def _new_token() -> str:
@@ -164,24 +167,50 @@ class Gateway:
         await self.execute(self.hub.handle(event), origin)
 
     async def execute(self, effects: Iterable[Effect], origin: int | None = None) -> None:
-        """Carry out effects in order; `origin` is the connection whose own task this is."""
+        """Carry out effects in order; `origin` is the connection whose own task this is.
+
+        The connection's task may be cancelled midway (its connection closed: 4001, 4002, 4003,
+        1012). What the core decided must still happen: store operations finish and their
+        answers reach the core (shielded, in `_answer`), and the effects left over are carried
+        out with the connection's own frames dropped (it is closing; what they carried is
+        durable, or answers a command the runtime retries).
+        """
         queue = deque(effects)
-        while queue:
-            effect = queue.popleft()
-            kind = type(effect)
-            if kind is SendReply:  # the hot path: one per command
-                reply = cast(SendReply, effect)
-                channel = REPLY_CHANNELS[type(reply.payload)]
-                frame = encode(channel, reply.request_id, reply.payload)
-                if (link := self._direct(reply.conn, frame, origin)) is not None:
-                    await link.send(frame)
-                self.metrics.frames.sent[channel] += 1
-            elif kind in _STORE_EFFECTS:
-                ticket = cast(StoreEffect, effect).ticket
-                answer = await self._store(effect)
-                queue.extend(self.hub.handle(StoreAnswered(ticket, answer, self.clock.now())))
-            else:
-                await self._other(effect, origin)
+        try:
+            while queue:
+                effect = queue.popleft()
+                kind = type(effect)
+                if kind is SendReply:  # the hot path: one per command
+                    reply = cast(SendReply, effect)
+                    channel = REPLY_CHANNELS[type(reply.payload)]
+                    frame = encode(channel, reply.request_id, reply.payload)
+                    if (link := self._direct(reply.conn, frame, origin)) is not None:
+                        await link.send(frame)
+                    self.metrics.frames.sent[channel] += 1
+                elif kind in _STORE_EFFECTS:
+                    ticket = cast(StoreEffect, effect).ticket
+                    answer = await self._answer(effect)
+                    queue.extend(self.hub.handle(StoreAnswered(ticket, answer, self.clock.now())))
+                else:
+                    await self._other(effect, origin)
+        except trio.Cancelled:
+            left = [e for e in queue if not (
+                isinstance(e, (SendReply, SendError, DeliverInputs)) and e.conn == origin)]
+            with trio.CancelScope(shield=True):
+                await self.execute(left)  # no origin: other connections' frames are only queued
+            raise
+
+    async def _answer(self, effect: Effect) -> StoreAnswer:
+        """The store's answer to one effect, which the core hears even if this task is cancelled.
+
+        Bounded: after `STORE_ANSWER_WAIT_S` the core is told the store failed (the operation
+        may still complete; "internal" means nothing is guaranteed either way).
+        """
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + STORE_ANSWER_WAIT_S):
+            return await self._store(effect)
+        log.error("store did not answer %s within %g s", type(effect).__name__,
+                  STORE_ANSWER_WAIT_S)
+        return StoreFailed("StoreTimeout")
 
     async def _other(self, effect: Effect, origin: int | None) -> None:
         if isinstance(effect, SendError):
@@ -205,7 +234,11 @@ class Gateway:
             self.metrics.attempts_lost.inc()
             log.warning("attempt lost: run %s attempt %s", effect.run_id, effect.attempt_id)
         elif isinstance(effect, SaveSession):
-            with self.metrics.store_op["save"].time():
+            # Shielded like `_answer`: a connection closing must not lose the session's state.
+            deadline = trio.current_time() + STORE_ANSWER_WAIT_S
+            with self.metrics.store_op["save"].time(), trio.CancelScope(
+                shield=True, deadline=deadline
+            ):
                 try:
                     await self.store.save_session(effect.record)
                 except StoreError as failure:

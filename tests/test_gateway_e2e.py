@@ -11,6 +11,10 @@ import trio
 from e2e_support import Harness, Wire, error_code, gateway_for_test
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
+from gateway.links import Link
+from statemachine.effects import ArmTimer, Effect, SendReply
+from statemachine.messages import HeartbeatResponse, Millis
+
 HEARTBEAT = "runtime.session.heartbeat.command"
 RECOVER = "runtime.session.recover.command"
 SECRETS = "runtime.session.secrets.get.command"
@@ -448,3 +452,62 @@ async def test_a_runtime_that_starts_over_learns_where_the_log_goes_on(tmp_path:
             assert (await wire.call(OUTPUT, {**ids, "events": [resumed]}))["payload"]["accepted"]
         assert [e["eventId"] for e in await outputs(h, run_id)] == [
             "evt-0", "evt-1", "evt-2", "evt-fresh-0"]
+
+
+# --- a connection closed while its task carries out the core's effects --------------------------
+
+
+async def test_a_command_whose_connection_is_closed_midway_still_reaches_the_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Superseded (4001) while its kv.set waits on the store: the write's answer still reaches
+    the core, which would otherwise keep the command pending (and its connection counted) forever.
+    """
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        service = h.running.service
+        kv_set = service.store.kv_set
+
+        async def busy_disk(*args: Any, **kwargs: Any) -> Any:
+            await trio.sleep(0.3)
+            return await kv_set(*args, **kwargs)
+
+        monkeypatch.setattr(service.store, "kv_set", busy_disk)
+        for round_ in range(3):
+            async with h.wire(token) as old, h.wire(token) as new:
+                reply = await old.attach(run_id, connectionEpoch=2 * round_ + 1,
+                                         capabilities=["kv.write"])
+                await old.send(KV_SET, {"sessionId": reply["sessionId"], "runId": run_id,
+                                        "kv": {"round": str(round_)}})
+                await trio.sleep(0.1)  # the write is on its way to the store
+                await new.attach(run_id, connectionEpoch=2 * round_ + 2, reconnect=True)
+                with trio.fail_after(10):
+                    while service.hub.pending:
+                        await trio.sleep(0.05)
+        assert service.hub.pending == {}
+
+
+async def test_effects_after_a_cancelled_send_are_still_carried_out(tmp_path: Path) -> None:
+    """A reply stuck on a peer that does not read is cancelled (the connection is closing); the
+    timer the core armed in the same step must still be armed, or the lease would never expire.
+    """
+    async with gateway_for_test(tmp_path) as h:
+        service = h.running.service
+        sending = trio.Event()
+
+        class NeverReads:
+            async def send_message(self, message: str) -> None:
+                sending.set()
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            link = Link(999, NeverReads(), 4, nursery)  # type: ignore[arg-type]
+            service.links[999] = link
+            reply = SendReply(999, "r1", HeartbeatResponse(True, Millis(0)))
+            later = Millis(service.clock.now() + 3_600_000)
+            effects: list[Effect] = [reply, ArmTimer("run_armedAfterSend", later)]
+            nursery.start_soon(service.execute, effects, 999)
+            await sending.wait()
+            nursery.cancel_scope.cancel()
+        service.links.pop(999)
+        assert "run_armedAfterSend" in service.timers._due
