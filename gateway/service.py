@@ -374,6 +374,13 @@ class Gateway:
                         await self.on_message(link, await ws.get_message())
                 except ConnectionClosed:
                     pass
+                except Exception:
+                    # A bug in handling this connection: tell its runtime to reconnect (1011),
+                    # not that it was closed on purpose; the endpoint logs the traceback.
+                    if link.close_code is None:
+                        link.close_code = CloseCode.INTERNAL_ERROR
+                        link.close_reason = "the gateway failed; reconnect"
+                    raise
                 nursery.cancel_scope.cancel()
         finally:
             self.links.pop(conn_id, None)

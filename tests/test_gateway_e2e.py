@@ -13,7 +13,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from gateway.links import Link
 from statemachine.effects import ArmTimer, Effect, SendReply
-from statemachine.messages import HeartbeatResponse, Millis
+from statemachine.inputs import CommandReceived
+from statemachine.messages import HeartbeatCommand, HeartbeatResponse, Millis
 
 HEARTBEAT = "runtime.session.heartbeat.command"
 RECOVER = "runtime.session.recover.command"
@@ -511,3 +512,33 @@ async def test_effects_after_a_cancelled_send_are_still_carried_out(tmp_path: Pa
             nursery.cancel_scope.cancel()
         service.links.pop(999)
         assert "run_armedAfterSend" in service.timers._due
+
+
+async def test_a_connection_whose_handling_fails_is_closed_1011_and_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        doomed_run, doomed_token = await h.create_run()
+        other_run, other_token = await h.create_run()
+        hub = h.running.service.hub
+        handle = hub.handle
+
+        def fails_on_heartbeats(event: Any) -> Any:  # a bug, as any unexpected exception
+            if isinstance(event, CommandReceived) and isinstance(event.command, HeartbeatCommand):
+                raise RuntimeError("injected fault")
+            return handle(event)
+
+        async with h.wire(doomed_token) as doomed, h.wire(other_token) as other:
+            ids = await attached(h, doomed, doomed_run)
+            other_ids = await attached(h, other, other_run)
+            monkeypatch.setattr(hub, "handle", fails_on_heartbeats)
+            await doomed.send(HEARTBEAT, ids)
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                await doomed.ws.get_message()
+            reason = closed.value.reason
+            assert reason is not None and reason.code == 1011  # reconnect, not "on purpose"
+            monkeypatch.setattr(hub, "handle", handle)
+            assert (await other.call(HEARTBEAT, other_ids))["payload"]["accepted"] is True
+        assert "runtime connection failed" in caplog.text
+        registry = h.running.service.metrics.registry
+        assert registry.get_sample_value("agent_gateway_closes_total", {"code": "1011"}) == 1
