@@ -6,8 +6,8 @@ hand-off would cost more than the rest of the frame's work). Frames that other t
 bounded queue that the connection's writer task drains. The queue and the writer are made when
 first needed: most connections never need them, and idle sessions are what a gateway holds.
 
-A runtime that stops reading fills that queue, or stalls a direct send past `send_timeout_s`,
-and is closed with 4003 instead of making the gateway hold its frames in memory.
+A runtime that stops reading fills that queue, or stalls a send (direct or queued) past
+`send_timeout_s`, and is closed with 4003 instead of making the gateway hold its frames in memory.
 
 A direct send is not wrapped in its own cancel scope: entering and leaving one costs about as much
 as the rest of a heartbeat's own work. Each link notes when its send began, and one watchdog task
@@ -39,6 +39,7 @@ class Link:
         "scope",
         "send_timeout_s",
         "sending_since",
+        "writing_since",
         "ws",
     )
 
@@ -61,6 +62,8 @@ class Link:
         self._outbox: trio.MemorySendChannel[str] | None = None
         # When the connection's own task began the send it is in the middle of (trio clock).
         self.sending_since: float | None = None
+        # The same for the writer task's send; apart, as both may be waiting on the peer at once.
+        self.writing_since: float | None = None
         self._send_ended: trio.Event | None = None  # set when that send ends, if anyone waits
         self.close_code: CloseCode | None = None
         self.close_reason = ""
@@ -85,8 +88,11 @@ class Link:
                 self._send_ended.set()
 
     def stalled(self, now: float) -> bool:
-        """Whether a direct send has waited for the peer longer than `send_timeout_s`."""
-        return self.sending_since is not None and now - self.sending_since >= self.send_timeout_s
+        """Whether a send (direct or queued) has waited for the peer past `send_timeout_s`."""
+        since = self.sending_since
+        if self.writing_since is not None and (since is None or self.writing_since < since):
+            since = self.writing_since
+        return since is not None and now - since >= self.send_timeout_s
 
     def enqueue(self, frame: str) -> None:
         """Send from another task without waiting; a full queue means the runtime is not reading."""
@@ -141,10 +147,15 @@ class Link:
         """The writer task: drain the queue until a close is decided, then end the connection."""
         async with inbox:
             async for frame in inbox:
+                # Watched like a direct send: a peer that stops reading before the queue fills
+                # would otherwise hold the queued frames, and any close waiting behind them.
+                self.writing_since = self._now()
                 try:
                     await self.ws.send_message(frame)
                 except ConnectionClosed:
                     break
+                finally:
+                    self.writing_since = None
         # The connection's own task may be halfway through sending a frame (a reply): ending the
         # connection now would tear that frame, and the close frame behind it would never say
         # why (4001, 4002, 1012). Wait for it; `watch_sends` bounds that wait by `send_timeout_s`.

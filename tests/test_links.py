@@ -100,3 +100,43 @@ async def test_a_link_whose_connection_ended_can_still_be_closed_and_sent_to() -
     link.close(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
     assert link.close_code is CloseCode.SERVICE_RESTART  # finish() still sends this code
     assert peer.sent == []
+
+
+async def _queued_to_a_peer_that_never_reads(
+    close: CloseCode | None,
+) -> tuple[Link, _SlowPeer, float]:
+    """Queue two frames (far fewer than the queue holds) for a peer that never reads."""
+    peer = _SlowPeer(float("inf"))
+    with trio.fail_after(TIMEOUT * 2):  # a watchdog that never fires must fail, not hang
+        async with trio.open_nursery() as watchdog:
+            async with trio.open_nursery() as connection:
+                link = Link(1, cast(WebSocketConnection, peer), 64, connection, TIMEOUT)
+                watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
+                started = trio.current_time()
+                link.enqueue("an input delivery")
+                link.enqueue("another")
+                if close is not None:
+                    await trio.sleep(1)
+                    link.close(close, "decided while the writer was stuck")
+            ended = trio.current_time() - started
+            watchdog.cancel_scope.cancel()
+    return link, peer, ended
+
+
+async def test_a_peer_that_stops_reading_queued_frames_is_closed_4003(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    link, peer, ended = await _queued_to_a_peer_that_never_reads(None)
+    assert link.close_code is CloseCode.SLOW_CONSUMER
+    assert TIMEOUT <= ended <= TIMEOUT * 1.25
+    assert peer.sent == [] and link.writing_since is None
+
+
+async def test_a_close_decided_behind_a_stuck_writer_still_ends_the_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A revoke (4002) waits for the queue to be written: a peer that never reads must not hold
+    it, or the revoked runtime's connection would stay open for good."""
+    link, _, ended = await _queued_to_a_peer_that_never_reads(CloseCode.REVOKED)
+    assert link.close_code is CloseCode.REVOKED  # the decided code is the one sent
+    assert TIMEOUT <= ended <= TIMEOUT * 1.25
