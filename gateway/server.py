@@ -16,6 +16,8 @@ from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
 from gateway.config import Settings
 from gateway.service import Gateway
+from gateway.store.base import StoreError
+from statemachine.messages import CloseCode
 
 log = logging.getLogger("agent_gateway.server")
 
@@ -61,15 +63,28 @@ class RuntimeEndpoint:
     def __init__(self, gateway: Gateway, settings: Settings) -> None:
         self.gateway = gateway
         self.settings = settings
+        # Handshakes past the capacity check but not yet served (their token lookup and upgrade
+        # take a while): they count toward --max-sessions, or a burst of them would overshoot it.
+        self.admitting = 0
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: one call per handshake, for the connection's whole life."""
         # The connection is served from this frame, not from a helper's: every idle session
         # holds its suspended frames, and every send and receive passes through them.
         try:
-            principal = await self._admit(request)
-            if principal is not None:
-                await self.gateway.serve_connection(await request.accept(), principal)
+            self.admitting += 1
+            try:
+                principal = await self._admit(request)
+                ws = await request.accept() if principal is not None else None
+            finally:
+                self.admitting -= 1  # `serve_connection` counts it as a link before it yields
+            if ws is None or principal is None:
+                return
+            if self.gateway.draining:
+                # Admitted just as the drain began, which closes only the links it can see.
+                await ws.aclose(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
+                return
+            await self.gateway.serve_connection(ws, principal)
         except Exception:
             # One connection's failure must never take the server (and every other runtime) down.
             log.exception("runtime connection failed")
@@ -82,11 +97,16 @@ class RuntimeEndpoint:
         if self.gateway.draining:
             await _reject(request, 503, "draining", "the gateway is restarting; retry shortly")
             return None
-        if len(self.gateway.links) >= self.settings.max_sessions:
+        if len(self.gateway.links) + self.admitting > self.settings.max_sessions:
             await _reject(request, 503, "too-many-connections", "the gateway is full; retry later")
             return None
         token = bearer_token(request.headers)
-        principal = await self.gateway.authenticate(token) if token else None
+        try:
+            principal = await self.gateway.authenticate(token) if token else None
+        except StoreError as failure:
+            log.error("store failed looking up a runtime token: %s", failure)
+            await _reject(request, 503, "store-unavailable", "the store failed; retry shortly")
+            return None
         if principal is None:
             await _reject(
                 request,

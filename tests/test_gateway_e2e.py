@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import trio
 from e2e_support import Harness, Wire, error_code, gateway_for_test
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from gateway.links import Link
+from gateway.store.base import StoreError
 from statemachine.effects import ArmTimer, Effect, SendReply
 from statemachine.inputs import CommandReceived
 from statemachine.messages import HeartbeatCommand, HeartbeatResponse, Millis
@@ -542,3 +543,84 @@ async def test_a_connection_whose_handling_fails_is_closed_1011_and_others_go_on
         assert "runtime connection failed" in caplog.text
         registry = h.running.service.metrics.registry
         assert registry.get_sample_value("agent_gateway_closes_total", {"code": "1011"}) == 1
+
+
+# --- admission --------------------------------------------------------------------------------
+
+
+async def test_handshakes_arriving_together_do_not_overshoot_max_sessions(tmp_path: Path) -> None:
+    """The capacity check is followed by a token lookup and the upgrade: handshakes in between
+    count too, or a burst is admitted whole (8 of 8 with --max-sessions 2)."""
+    async with gateway_for_test(tmp_path, max_sessions=2) as h:
+        _, token = await h.create_run()
+        accepted: list[int] = []
+        refused: list[int] = []
+        peak = 0
+        release = trio.Event()
+
+        async def knock() -> None:
+            try:
+                async with open_websocket_url(
+                    h.running.runtime_url, ssl_context=h.ca.client_context(),
+                    extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+                ):
+                    accepted.append(1)
+                    await release.wait()
+            except ConnectionRejected as rejected:
+                refused.append(rejected.status_code)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(knock)
+                while len(accepted) + len(refused) < 8:
+                    peak = max(peak, len(h.running.service.links))
+                    await trio.sleep(0.005)
+                release.set()
+        assert len(accepted) == 2 and peak <= 2
+        assert refused == [503] * 6
+
+
+async def test_a_store_failure_during_the_token_lookup_is_a_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+
+        async def failing(token_hash: bytes) -> str | None:
+            raise StoreError("database is locked")
+
+        lookup = h.running.service.store.run_for_token
+        monkeypatch.setattr(h.running.service.store, "run_for_token", failing)
+        with pytest.raises(ConnectionRejected) as refused:
+            async with h.wire(token):
+                pass  # pragma: no cover - the handshake must be refused
+        assert refused.value.status_code == 503  # retry, not "your token is wrong" (401)
+        assert b"store-unavailable" in (refused.value.body or b"")
+        monkeypatch.setattr(h.running.service.store, "run_for_token", lookup)
+        async with h.wire(token) as wire:
+            await wire.attach(run_id)
+
+
+async def test_a_runtime_admitted_as_the_drain_begins_is_told_to_reconnect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain closes the links it sees; one still in its upgrade then must not be served."""
+    async with gateway_for_test(tmp_path) as h:
+        _, token = await h.create_run()
+        service = h.running.service
+        authenticate = service.authenticate
+
+        async def drain_begins_meanwhile(token: str) -> str | None:
+            principal = await authenticate(token)
+            service.draining = True
+            return principal
+
+        monkeypatch.setattr(service, "authenticate", drain_begins_meanwhile)
+        async with h.wire(token) as wire:
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                await wire.ws.get_message()
+        reason = closed.value.reason
+        assert reason is not None and reason.code == 1012
+        assert not service.links
+        service.draining = False
