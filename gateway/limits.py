@@ -29,4 +29,6 @@ def raise_nofile() -> int:
 
 def session_capacity(max_sessions: int, nofile: int) -> int:
     """How many runtime connections one process can really hold under `nofile` descriptors."""
+    if nofile == resource.RLIM_INFINITY:  # no limit to leave room under (-1 on Linux)
+        return max_sessions
     return max(1, min(max_sessions, nofile - FD_RESERVE))

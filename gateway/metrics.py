@@ -6,10 +6,10 @@ unbounded label set can reach the exposition.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from statemachine.messages import Channel, ErrorCode
@@ -39,14 +39,36 @@ class FrameCounts(Collector):
             yield family
 
 
+class SessionCounts(Collector):
+    """Sessions by state, counted from the core when /metrics is scraped.
+
+    Counted, not kept up to date change by change: sessions also appear (a first attach) and
+    come back (a restart restores them) without a change of state, and a tally kept by changes
+    drifted (negative `detached`, restored sessions missing). A scrape walks every session once.
+    """
+
+    def __init__(self) -> None:
+        self.states: Callable[[], Iterable[SessionState]] = tuple
+
+    def collect(self) -> Iterator[Metric]:
+        """One gauge sample per state, zeros included."""
+        counts = dict.fromkeys(SessionState, 0)
+        for state in self.states():
+            counts[state] += 1
+        family = GaugeMetricFamily("agent_gateway_sessions", "Sessions by state.",
+                                   labels=["state"])
+        for state, count in counts.items():
+            family.add_metric([state.value], count)
+        yield family
+
+
 class Metrics:
     """The gateway's instruments, in a registry of its own (gateways may share a process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.sessions = Gauge(
-            "agent_gateway_sessions", "Sessions by state.", ["state"], registry=self.registry
-        )
+        self.sessions = SessionCounts()  # the gateway tells it where its sessions are
+        self.registry.register(self.sessions)
         self.frames = FrameCounts()
         self.registry.register(self.frames)
         self.errors = Counter(
@@ -95,7 +117,6 @@ class Metrics:
         )
         # Children resolved once: a labelled lookup per frame would be wasted work.
         self.error = {code: self.errors.labels(code.value) for code in ErrorCode}
-        self.in_state = {state: self.sessions.labels(state.value) for state in SessionState}
         self.store_op = {
             op: self.store_seconds.labels(op)
             for op in ("claim", "append", "read_kv", "write_kv", "read_inputs", "ack", "save")

@@ -122,6 +122,7 @@ class Gateway:
         self.store = store
         self.clock = clock or Clock()
         self.metrics = metrics or Metrics()
+        self.metrics.sessions.states = lambda: (s.state for s in self.hub.sessions.values())
         self.hub = Hub(settings.policy())
         self.timers = Timers(self.clock)
         self.links: dict[int, Link] = {}
@@ -283,9 +284,6 @@ class Gateway:
         return None
 
     def _session_changed(self, change: SessionChanged) -> None:
-        if change.old is not change.new:
-            self.metrics.in_state[change.old].dec()
-            self.metrics.in_state[change.new].inc()
         if change.new is SessionState.EXPIRED:
             self.metrics.lease_expiries.inc()
         log.info(

@@ -16,6 +16,7 @@ from gateway.store.base import StoreError
 from statemachine.effects import ArmTimer, Effect, SendReply
 from statemachine.inputs import CommandReceived
 from statemachine.messages import HeartbeatCommand, HeartbeatResponse, Millis
+from statemachine.records import SessionState
 
 HEARTBEAT = "runtime.session.heartbeat.command"
 RECOVER = "runtime.session.recover.command"
@@ -624,3 +625,35 @@ async def test_a_runtime_admitted_as_the_drain_begins_is_told_to_reconnect(
         assert reason is not None and reason.code == 1012
         assert not service.links
         service.draining = False
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+async def sessions_by_state(h: Harness) -> dict[str, float]:
+    """The agent_gateway_sessions gauge, as /metrics shows it."""
+    registry = h.running.service.metrics.registry
+    return {state.value: registry.get_sample_value("agent_gateway_sessions",
+                                                   {"state": state.value}) or 0.0
+            for state in SessionState}
+
+
+async def test_the_sessions_gauge_counts_new_and_restored_sessions(tmp_path: Path) -> None:
+    """A tally kept by state changes went negative (a first attach has no 'old' state to leave)
+    and missed sessions restored after a restart (restoring reports no change)."""
+    timing = {"heartbeat_interval_ms": 1000, "lease_misses": 1, "recovery_window_ms": 60_000}
+    async with gateway_for_test(tmp_path, **timing) as h:
+        run_id, token = await h.create_run()
+        for _ in range(3):
+            other, other_token = await h.create_run()
+            async with h.wire(other_token) as wire:
+                await wire.attach(other)
+        async with h.wire(token) as wire:
+            await wire.attach(run_id)
+            counts = await sessions_by_state(h)
+            assert counts["leased"] == 4 and counts["detached"] == 0, counts
+    async with gateway_for_test(tmp_path, **timing) as h:  # a restart on the same data
+        assert (await sessions_by_state(h))["leased"] == 4
+        await trio.sleep(1.5)  # the restored leases run out
+        counts = await sessions_by_state(h)
+        assert counts["expired"] == 4 and counts["leased"] == 0, counts

@@ -16,6 +16,8 @@ def test_capacity_is_the_setting_or_what_the_descriptors_allow() -> None:
     assert session_capacity(100, 1024) == 100
     assert session_capacity(50_000, 1024) == 1024 - FD_RESERVE
     assert session_capacity(50_000, FD_RESERVE) == 1  # never zero: the gateway still serves
+    # An unlimited soft limit (what raise_nofile returns then) leaves --max-sessions as it is.
+    assert session_capacity(50_000, resource.RLIM_INFINITY) == 50_000
 
 
 def _python(code: str, soft: int, hard: int) -> subprocess.CompletedProcess[str]:
