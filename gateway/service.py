@@ -327,9 +327,14 @@ class Gateway:
 
     async def _append(self, effect: AppendOutputs) -> StoreAnswer:
         events: Sequence[OutputEvent] = effect.events
-        grant = self.hub.grants.get(effect.run_id)
-        if self.settings.mask_secrets and grant is not None and grant.secrets:
-            events = mask_events(events, grant.secrets.values())
+        if self.settings.mask_secrets:
+            # The whole family's secrets: a main run's token reads its sub-runs' secrets and may
+            # publish into any of their logs, and a sub-run's runtime may have been handed its
+            # main run's. Masking more than the run's own secrets costs nothing that matters.
+            known = [value for grant in self.hub.family(effect.run_id)
+                     for value in grant.secrets.values()]
+            if known:
+                events = mask_events(events, known)
         with self.metrics.store_op["append"].time():
             answer = await self.store.append_outputs(effect.run_id, effect.epoch, events)
         if answer.outcome is AppendOutcome.STORED:

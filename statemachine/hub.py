@@ -123,6 +123,7 @@ class Hub:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.grants: dict[str, RunGrant] = {}
+        self.sub_runs: dict[str, set[str]] = {}  # main run id -> its live sub-runs
         self.sessions: dict[str, Session] = {}
         self.connections: dict[ConnId, Connection] = {}
         self.pending: dict[int, Pending] = {}
@@ -221,16 +222,28 @@ class Hub:
 
     # --- runs and connections -------------------------------------------------------------------
 
+    def family(self, run_id: str) -> list[RunGrant]:
+        """The run's main run and every sub-run of it: what a main run's token may act on."""
+        grant = self.grants.get(run_id)
+        if grant is None:
+            return []
+        main = grant.main_run_id or run_id
+        members = [main, *sorted(self.sub_runs.get(main, ()))]
+        return [self.grants[member] for member in members if member in self.grants]
+
     def _run_registered(self, event: RunRegistered, out: list[Effect]) -> None:
         self.grants[event.grant.run_id] = event.grant
+        if event.grant.main_run_id is not None:
+            self.sub_runs.setdefault(event.grant.main_run_id, set()).add(event.grant.run_id)
         session = self.sessions.get(event.grant.run_id)
         if session is not None:
             session.grant = event.grant
 
     def _run_revoked(self, event: RunRevoked, out: list[Effect]) -> None:
-        doomed = {event.run_id} | {
-            run_id for run_id, grant in self.grants.items() if grant.main_run_id == event.run_id
-        }
+        doomed = {event.run_id} | self.sub_runs.pop(event.run_id, set())
+        revoked = self.grants.get(event.run_id)
+        if revoked is not None and revoked.main_run_id is not None:
+            self.sub_runs.get(revoked.main_run_id, set()).discard(event.run_id)
         for run_id in sorted(doomed):
             session = self.sessions.pop(run_id, None)
             if session is not None:

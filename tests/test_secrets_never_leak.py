@@ -370,3 +370,27 @@ async def test_secrets_in_an_event_id_or_type_are_not_stored_as_they_are(tmp_pat
     reliability_ledger.record("secrets: output masking", 1, int(bool(leaked)))
     # Either refused, or stored without the value; never stored as it is.
     assert answer["channel"] == "runtime.session.error" or not leaked, stored
+
+
+async def test_secrets_of_the_whole_run_family_are_masked_in_each_log(tmp_path: Path) -> None:
+    """A main run's token reads its sub-runs' secrets and publishes into their logs: a main run's
+    secret echoed into a sub-run's output (and the reverse) is masked like the run's own."""
+    async with gateway_for_test(tmp_path) as h:
+        main_id, token = await h.create_run(secrets={"API_KEY": API_KEY})
+        sub_id, _ = await h.create_run(mainRunId=main_id, secrets={"WEBHOOK": WEBHOOK})
+        async with raw_wire(h.running.runtime_url, h.ca.client_context(), token) as wire:
+            for n, (run_id, echoed) in enumerate(((sub_id, API_KEY), (main_id, WEBHOOK))):
+                attached = await wire.call({
+                    "channel": "runtime.session.attach.command", "id": f"a{n}",
+                    "payload": {"runId": run_id, "runtimeInstanceId": "rt",
+                                "protocolVersion": "v1"}})
+                answer = await wire.call({"channel": OUTPUT, "id": f"o{n}", "payload": {
+                    "sessionId": attached["payload"]["sessionId"], "runId": run_id, "events": [
+                        {"eventId": "e0", "seq": 0, "type": "log", "data": {"text": echoed},
+                         "timestamp": "2026-11-21T12:00:00Z"}]}})
+                assert answer["payload"] == {"accepted": True}, answer
+        stored = [(await h.http.get(f"/v1/runs/{run}/outputs")).json()["events"]
+                  for run in (sub_id, main_id)]
+    leaked = leaks(json.dumps(stored))
+    reliability_ledger.record("secrets: output masking", 2, len(leaked))
+    assert [events[0]["data"] for events in stored] == [{"text": "***"}, {"text": "***"}]
