@@ -32,7 +32,8 @@ class Settings:
     recovery_window_ms: int = field(default=60_000, validator=ge(0))
     command_rate: float = field(default=200.0, validator=ge(0.001))
     command_burst: float = field(default=400.0, validator=ge(1.0))
-    max_frame_bytes: int = field(default=1_048_576, validator=ge(1024))
+    # 4096: a frame carries 1024 bytes of envelope and ids besides its event, config or secrets.
+    max_frame_bytes: int = field(default=1_048_576, validator=ge(4096))
     outbound_queue: int = field(default=256, validator=ge(1))
     send_timeout_s: float = field(default=10.0, validator=gt(0.0))
     max_sessions: int = field(default=50_000, validator=ge(1))

@@ -239,13 +239,16 @@ class Gateway:
             deadline = trio.current_time() + STORE_ANSWER_WAIT_S
             with self.metrics.store_op["save"].time(), trio.CancelScope(
                 shield=True, deadline=deadline
-            ):
+            ) as saving:
                 try:
                     await self.store.save_session(effect.record)
                 except StoreError as failure:
                     # The next change saves the whole state again; the reason, not a traceback.
                     log.error("could not save session state of run %s: %s",
                               effect.record.run_id, failure)
+            if saving.cancelled_caught:
+                log.error("could not save session state of run %s: the store did not answer "
+                          "within %g s", effect.record.run_id, STORE_ANSWER_WAIT_S)
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
 
@@ -328,10 +331,11 @@ class Gateway:
     async def _append(self, effect: AppendOutputs) -> StoreAnswer:
         events: Sequence[OutputEvent] = effect.events
         if self.settings.mask_secrets:
-            # The whole family's secrets: a main run's token reads its sub-runs' secrets and may
-            # publish into any of their logs, and a sub-run's runtime may have been handed its
-            # main run's. Masking more than the run's own secrets costs nothing that matters.
-            known = [value for grant in self.hub.family(effect.run_id)
+            # The run's own secrets and its main run's: a main run's runtime reads both and may
+            # publish into a sub-run's log. Not its sub-runs' (nor siblings'): those come and go
+            # while the run lives, and an event must mask the same on every re-publish, or an
+            # idempotent retry after a lost reply would be refused as a seq_conflict.
+            known = [value for grant in self.hub.lineage(effect.run_id)
                      for value in grant.secrets.values()]
             if known:
                 events = mask_events(events, known)

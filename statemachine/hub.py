@@ -222,14 +222,13 @@ class Hub:
 
     # --- runs and connections -------------------------------------------------------------------
 
-    def family(self, run_id: str) -> list[RunGrant]:
-        """The run's main run and every sub-run of it: what a main run's token may act on."""
+    def lineage(self, run_id: str) -> list[RunGrant]:
+        """The run and, for a sub-run, its main run: grants that do not change while it lives."""
         grant = self.grants.get(run_id)
         if grant is None:
             return []
-        main = grant.main_run_id or run_id
-        members = [main, *sorted(self.sub_runs.get(main, ()))]
-        return [self.grants[member] for member in members if member in self.grants]
+        main = self.grants.get(grant.main_run_id) if grant.main_run_id is not None else None
+        return [grant] if main is None else [main, grant]
 
     def _run_registered(self, event: RunRegistered, out: list[Effect]) -> None:
         self.grants[event.grant.run_id] = event.grant

@@ -809,6 +809,15 @@ async def test_an_input_must_fit_one_runtime_frame(tmp_path: Path) -> None:
         assert conforms(response, INPUTS) == {"seqs": [0]}
 
 
+async def test_the_smallest_frame_limit_still_takes_runs(tmp_path: Path) -> None:
+    """Below 4096 bytes a frame would not even hold its envelope and ids (1024) plus a config."""
+    with pytest.raises(ValueError):
+        settings_for(tmp_path, max_frame_bytes=4095)
+    async with real_gateway(tmp_path, max_frame_bytes=4096) as env:
+        body = {**VALID_CREATE, "config": {"model": "m" * 2000}}
+        assert conforms(await env.http.post("/v1/runs", json=body), RUNS)["runId"]
+
+
 @pytest.mark.parametrize("field", ["config", "secrets"])
 async def test_config_and_secrets_must_each_fit_the_reply_frame_that_carries_them(
     tmp_path: Path, field: str

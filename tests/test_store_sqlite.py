@@ -375,7 +375,9 @@ async def test_a_retried_post_queues_nothing_twice(store: SQLiteStore) -> None:
 async def test_a_known_event_id_with_other_content_queues_nothing(store: SQLiteStore) -> None:
     await store.create_run(grant("r"), token("r"))
     await store.post_inputs("r", inputs(2))
-    for changed in ({"type": "other"}, {"data": {"i": 1, "extra": True}}):
+    # Python's == would take True for 1 and 1.0 for 1: as JSON they are other data.
+    for changed in ({"type": "other"}, {"data": {"i": 1, "extra": True}}, {"data": {"i": True}},
+                    {"data": {"i": 1.0}}):
         clash = attrs.evolve(inputs(2)[1], **changed)
         with pytest.raises(InputConflict) as refused:
             await store.post_inputs("r", [*inputs(1, tag="fresh"), clash])

@@ -380,7 +380,7 @@ def _op_post_inputs(run_id: str, events: Sequence[NewInput], conn: sqlite3.Conne
         stored = conn.execute(SQL_INPUT_BY_EVENT, (run_id, event.event_id)).fetchone()
         if stored is not None:
             seq, kind, data = stored
-            if kind != event.type or orjson.loads(data) != event.data:
+            if kind != event.type or not _same_json(orjson.loads(data), event.data):
                 raise InputConflict(index)
             seqs.append(int(seq))
             continue
@@ -390,6 +390,13 @@ def _op_post_inputs(run_id: str, events: Sequence[NewInput], conn: sqlite3.Conne
         following += 1
     conn.executemany(SQL_INSERT_INPUT, rows)
     return seqs
+
+
+def _same_json(stored: Any, posted: Any) -> bool:
+    """Equal as JSON: key order aside, but `true` is not `1` and `1.0` is not `1` (as in Python)."""
+    return orjson.dumps(stored, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        posted, option=orjson.OPT_SORT_KEYS
+    )
 
 
 def _op_ack(run_id: str, epoch: int, seq: int, conn: sqlite3.Connection) -> Written:
