@@ -169,7 +169,7 @@ class ConnectError(ClientError):
 
 
 class GaveUp(ClientError):
-    """Reconnecting took longer than `give_up_after` seconds."""
+    """Reconnecting took longer than `give_up_after` seconds (time connected does not count)."""
 
 
 class ClientClosed(ClientError):
@@ -373,7 +373,7 @@ class GatewaySession:
         self._max_frame = DEFAULT_MAX_FRAME_BYTES  # the last attach reply's maxFrameBytes
         # reconnecting: the backoff's step and when the current run of unstable links began
         self._retries = 0
-        self._retry_since: float | None = None
+        self._down_for = 0.0  # seconds without a connection since the last stable one
         # inputs
         self._inbox, self._inbox_out = trio.open_memory_channel[InputEvent](math.inf)
         self._input_high = -1  # highest seq ever handed to `inputs()`, for de-duplication
@@ -896,29 +896,32 @@ class GatewaySession:
                 return
             log.info("run %s: connection lost (%s); reconnecting", self.run_id, link.reason)
             self._set_state("reconnecting")
-            now = trio.current_time()
             # A link counts as restored only once it stayed up for the backoff's upper bound:
             # then even a gateway that accepts every attach and drops it at once (or after any
-            # delay) gets at most about one attach per upper bound, and give_up_after still
-            # runs. (An answered heartbeat would prove less: some gateways answer it and drop.)
-            if self._retry_since is None or now - link.attached_at >= self._o.backoff[1]:
-                self._retries, self._retry_since = 0, now
-            if not await self._reconnect(self._retry_since):
+            # delay) gets at most about one attach per upper bound. (An answered heartbeat would
+            # prove less: some gateways answer it and drop.) Until then the backoff keeps
+            # growing and the time spent without a connection keeps adding up for give_up_after.
+            if trio.current_time() - link.attached_at >= self._o.backoff[1]:
+                self._retries, self._down_for = 0, 0.0
+            if not await self._reconnect():
                 return
 
-    async def _reconnect(self, since: float) -> bool:
+    async def _reconnect(self) -> bool:
         """Re-attach with backoff (full jitter) and a higher epoch each try; False if we stop.
 
-        The backoff's step and the give-up clock (started at `since`) carry over from the
-        reconnects before, until a link proves stable (see `_supervise`).
+        give_up_after bounds the time spent without a connection since the last stable one
+        (time connected does not count, so links that live a while and drop are not given up).
         """
         low, high = self._o.backoff
+        down_since = trio.current_time()
         while True:
             delay = random.uniform(0, min(high, low * 2 ** min(self._retries, 60)))
             self._retries += 1
             limit = self._o.give_up_after
-            if limit is not None and trio.current_time() + delay - since > limit:
-                self._fail(GaveUp(f"run {self.run_id}: no stable connection within {limit:g} s"))
+            down = self._down_for + trio.current_time() + delay - down_since
+            if limit is not None and down > limit:
+                self._fail(GaveUp(f"run {self.run_id}: no stable connection within {limit:g} s "
+                                  "of reconnecting"))
                 return False
             await trio.sleep(delay)
             if self._closing or self._failure is not None:
@@ -926,6 +929,7 @@ class GatewaySession:
             self._epoch += 1
             attempt = await self._open(reconnect=True)
             if attempt.link is not None:
+                self._down_for += trio.current_time() - down_since
                 self._adopt(attempt)
                 return True
             if attempt.fatal:
@@ -1164,7 +1168,8 @@ async def connect(
     Raises `ConnectError`, `Rejected`, `GatewayError` or `Superseded` if the first attach fails;
     reconnects after later drops are transparent. Reconnects back off from `reconnect_backoff`'s
     lower to its upper bound; a connection that stays up for less than the upper bound does not
-    reset that, and `give_up_after` (seconds since the last connection that did) raises GaveUp.
+    reset that; `give_up_after` bounds the seconds spent without a connection since the last
+    one that did (time connected does not count), then raises GaveUp.
 
     Leaving the block normally (or with an exception) first waits, up to `close_timeout`, for
     pending publishes to be stored and processed inputs to be acknowledged. Leaving it because

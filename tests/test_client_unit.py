@@ -723,6 +723,21 @@ async def test_a_link_that_stayed_up_restarts_the_backoff_and_give_up_clock() ->
         assert s.failure is None
 
 
+async def test_time_connected_does_not_count_toward_give_up_after() -> None:
+    """Links that work for a while (shorter than the backoff's upper bound) and drop are not
+    given up on: give_up_after bounds time without a connection, as GaveUp says."""
+    async with fake_gateway() as fake, session(
+            fake, reconnect_backoff=(0.01, 2.0), give_up_after=0.5) as s:
+        for conn in range(3):
+            await fake.close(conn, 1011)
+            with trio.fail_after(5):
+                while len(fake.attaches()) < conn + 2 or s.state != "attached":
+                    await trio.sleep(0.005)
+            await trio.sleep(0.7)  # a working link, longer than give_up_after
+        assert await s.get_config() == {"model": "m1", "temperature": 0.5}
+        assert s.failure is None
+
+
 # --- answers that say "not accepted" -----------------------------------------------------------
 
 
