@@ -345,16 +345,24 @@ class _Route:
     cls: type[Any]
     structure: Callable[[Any, Any], Any]
     millis_paths: list[tuple[str, ...]]
+    # Top-level payload properties this version knows, where others are ignored, not refused.
+    known: frozenset[str] | None = None
 
 
-def _route(channel: Channel, cls: type[Any]) -> _Route:
+def _route(channel: Channel, cls: type[Any], *, ignore_unknown: bool = False) -> _Route:
     """Precompute a channel's decoding so no per-frame work belongs to setup."""
     hook = CONVERTER.get_structure_hook(cls)
-    return _Route(channel, _PAYLOAD_VALIDATORS[channel], cls, hook, _millis_paths(cls))
+    known = frozenset(_camel(f.name) for f in attrs.fields(cls)) if ignore_unknown else None
+    return _Route(channel, _PAYLOAD_VALIDATORS[channel], cls, hook, _millis_paths(cls), known)
 
 
 _COMMAND_ROUTES: Final = {ch.value: _route(ch, cls) for ch, cls in m.COMMAND_CHANNELS.items()}
-_SERVER_ROUTES: Final = {ch.value: _route(ch, cls) for cls, ch in m.REPLY_CHANNELS.items()}
+# A runtime reads gateway frames leniently: a newer gateway may add optional properties to a
+# payload (extensions, as `nextOutputSeq` and `maxFrameBytes` were), and a runtime built before
+# them must still attach. The gateway stays strict about what runtimes send.
+_SERVER_ROUTES: Final = {
+    ch.value: _route(ch, cls, ignore_unknown=True) for cls, ch in m.REPLY_CHANNELS.items()
+}
 _CLASS_OF: Final[dict[Channel, type[Any]]] = {
     **m.COMMAND_CHANNELS,
     **{ch: cls for cls, ch in m.REPLY_CHANNELS.items()},
@@ -613,6 +621,9 @@ def _decode(
             "/channel",
         )
     payload = doc["payload"]
+    known = route.known
+    if known is not None and type(payload) is dict and not known.issuperset(payload):
+        payload = {key: value for key, value in payload.items() if key in known}
     try:
         route.validate(payload)
     except JsonSchemaValueException as exc:

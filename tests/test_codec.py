@@ -191,6 +191,23 @@ def test_decode_server_frame_refuses_commands_and_bad_replies() -> None:
         codec.decode_server_frame(b"\xff")
 
 
+def test_runtimes_ignore_payload_properties_a_newer_gateway_adds() -> None:
+    """A runtime built before an extension (as `maxFrameBytes` was added to the attach reply)
+    must still attach to a gateway that sends it; the gateway stays strict with runtimes."""
+    reply = json.loads(codec.encode_reply("r", m.RuntimeAttachResponse(SES, RUN, 1000, T0)))
+    reply["payload"]["someFutureExtension"] = {"any": ["thing"]}
+    channel, _, payload = codec.decode_server_frame(json.dumps(reply))
+    assert channel is Channel.ATTACH_REPLY
+    assert payload == m.RuntimeAttachResponse(SES, RUN, 1000, T0)
+    beat = json.loads(frame("runtime.session.heartbeat.command", heartbeat()))
+    beat["payload"]["someFutureExtension"] = 1
+    assert refused(json.dumps(beat)).error.code is ErrorCode.INVALID_FRAME
+    # What a gateway must send is still checked: an unknown property does not hide a missing one.
+    with pytest.raises(FrameRejected):
+        codec.decode_server_frame(frame("runtime.session.heartbeat.reply",
+                                        {"accepted": True, "someFutureExtension": 1}))
+
+
 # --- timestamps --------------------------------------------------------------------------------
 
 
