@@ -37,23 +37,33 @@ WHOLE_MASK_IN_IDS = "xxx"
 
 
 def mask_events(
-    events: Sequence[OutputEvent], secret_values: Iterable[str]
+    events: Sequence[OutputEvent],
+    secret_values: Iterable[str],
+    id_secret_values: Iterable[str] | None = None,
 ) -> Sequence[OutputEvent]:
-    """The events with every occurrence of a secret value replaced (see the module's doc)."""
-    values = sorted(
-        {v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True
-    )
+    """The events with every occurrence of a secret value replaced (see the module's doc).
+
+    `id_secret_values`, when given, are the ones masked in `eventId`: a re-publish is matched by
+    its eventId, so those must be secrets that do not change while the run lives.
+    """
+    values = _maskable(secret_values)
+    id_values = values if id_secret_values is None else _maskable(id_secret_values)
     if not values or not _may_contain(events, values):
         return events
     return [
         evolve(
             event,
-            event_id=_mask(event.event_id, values, MASK_IN_IDS, WHOLE_MASK_IN_IDS),
+            event_id=_mask(event.event_id, id_values, MASK_IN_IDS, WHOLE_MASK_IN_IDS),
             type=_mask(event.type, values, MASK_IN_IDS, WHOLE_MASK_IN_IDS),
             data=_mask(event.data, values, MASK, WHOLE_MASK),
         )
         for event in events
     ]
+
+
+def _maskable(secret_values: Iterable[str]) -> list[str]:
+    """Values long enough to mask, longest first (a secret containing another is masked whole)."""
+    return sorted({v for v in secret_values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
 
 
 def _may_contain(events: Sequence[OutputEvent], secrets: list[str]) -> bool:

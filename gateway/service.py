@@ -331,14 +331,17 @@ class Gateway:
     async def _append(self, effect: AppendOutputs) -> StoreAnswer:
         events: Sequence[OutputEvent] = effect.events
         if self.settings.mask_secrets:
-            # The run's own secrets and its main run's: a main run's runtime reads both and may
-            # publish into a sub-run's log. Not its sub-runs' (nor siblings'): those come and go
-            # while the run lives, and an event must mask the same on every re-publish, or an
-            # idempotent retry after a lost reply would be refused as a seq_conflict.
-            known = [value for grant in self.hub.lineage(effect.run_id)
-                     for value in grant.secrets.values()]
+            # A main run's token reads the secrets of its whole family (the main run and every
+            # sub-run) and may publish into any of their logs: all of them are masked in `type`
+            # and `data`. A re-publish is matched by its eventId, so eventIds are masked only
+            # with the secrets that stay fixed while the run lives (its own and its main run's;
+            # sub-runs come and go): a retry after a lost reply then still matches what was stored.
+            family = self.hub.family(effect.run_id)
+            known = [value for grant in family for value in grant.secrets.values()]
             if known:
-                events = mask_events(events, known)
+                fixed = [value for grant in self.hub.lineage(effect.run_id)
+                         for value in grant.secrets.values()]
+                events = mask_events(events, known, fixed)
         with self.metrics.store_op["append"].time():
             answer = await self.store.append_outputs(effect.run_id, effect.epoch, events)
         if answer.outcome is AppendOutcome.STORED:
@@ -445,8 +448,15 @@ class Gateway:
         for run_id in run_ids:
             if not self.hub.knows_run(run_id):
                 grant = await self.store.get_run(run_id)
-                if grant is not None:
-                    self.hub.handle(RunRegistered(grant))
+                if grant is None:
+                    continue
+                main = grant.main_run_id
+                if main is not None and not self.hub.knows_run(main):
+                    # Its main run first: the sub-run's outputs are masked with its secrets too.
+                    if (main_grant := await self.store.get_run(main)) is None:
+                        continue  # revoked meanwhile, and the sub-run with it
+                    self.hub.handle(RunRegistered(main_grant))
+                self.hub.handle(RunRegistered(grant))
 
     # --- the platform's side (used by the control API) ------------------------------------------
 

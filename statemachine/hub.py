@@ -230,6 +230,15 @@ class Hub:
         main = self.grants.get(grant.main_run_id) if grant.main_run_id is not None else None
         return [grant] if main is None else [main, grant]
 
+    def family(self, run_id: str) -> list[RunGrant]:
+        """The run's main run and every sub-run of it: what a main run's token may act on."""
+        grant = self.grants.get(run_id)
+        if grant is None:
+            return []
+        main = grant.main_run_id or run_id
+        members = [main, *sorted(self.sub_runs.get(main, ()))]
+        return [self.grants[member] for member in members if member in self.grants]
+
     def _run_registered(self, event: RunRegistered, out: list[Effect]) -> None:
         self.grants[event.grant.run_id] = event.grant
         if event.grant.main_run_id is not None:

@@ -1198,6 +1198,23 @@ async def test_a_run_the_store_cannot_look_up_is_retryable_not_unknown(
         assert conforms(response, SESSION)["runId"] == grant.run_id
 
 
+async def test_a_sub_run_created_through_another_gateway_masks_its_main_runs_secrets(
+    tmp_path: Path,
+) -> None:
+    """This gateway learns the sub-run (and its main run with it) at the attach: the main run's
+    secret echoed into the sub-run's log is masked as on the gateway that created them."""
+    async with real_gateway(tmp_path) as env:
+        main = RunGrant("run_fleetMain001", frozenset(), {"KEY": SECRET}, {}, "cfg-1")
+        sub = RunGrant("run_fleetSub0001", frozenset(), {}, {}, "cfg-1", main.run_id)
+        await env.gateway.store.create_run(main, token_digest("agt_mainTokenOfTheFleet"))
+        await env.gateway.store.create_run(sub, token_digest("agt_subTokenOfTheFleet0"))
+        async with env.runtime("agt_mainTokenOfTheFleet") as wire:
+            ids = await attach(wire, sub.run_id)
+            await publish(wire, ids, output(0, {"text": f"key={SECRET}"}))
+        events = conforms(await env.http.get(f"/v1/runs/{sub.run_id}/outputs"), OUTPUTS)["events"]
+        assert events[0]["data"] == {"text": "key=***"}
+
+
 async def test_a_crash_is_a_500_problem_without_details(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1101,15 +1101,17 @@ def test_a_superseded_claim_answer_decides_nothing(stale_first: bool) -> None:
     assert (d.session(MAIN).state, d.session(MAIN).conn, d.session(MAIN).epoch) == (L, 2, 2)
 
 
-def test_a_runs_lineage_is_itself_and_its_main_run_and_revokes_follow_sub_runs() -> None:
-    """The shell masks a run's outputs with its lineage's secrets (fixed while the run lives);
-    revoking a main run takes its live sub-runs along (found by index, not by a scan)."""
+def test_a_runs_lineage_and_family_and_revokes_follow_sub_runs() -> None:
+    """The shell masks a run's outputs with its family's secrets, and eventIds with its lineage's
+    (fixed while the run lives); revoking a main run takes its live sub-runs along."""
     d = Driver(runs=[grant(MAIN), grant(SUB, main=MAIN), grant(SUB2, main=MAIN), grant(OTHER)])
     assert [g.run_id for g in d.hub.lineage(SUB2)] == [MAIN, SUB2]
     assert [g.run_id for g in d.hub.lineage(MAIN)] == [MAIN]
-    assert d.hub.lineage("run-unknown") == []
+    assert [g.run_id for g in d.hub.family(SUB2)] == [MAIN, SUB, SUB2]
+    assert d.hub.lineage("run-unknown") == [] and d.hub.family("run-unknown") == []
     d.feed(RunRevoked(SUB, d.now))
     assert d.hub.sub_runs[MAIN] == {SUB2}
+    assert [g.run_id for g in d.hub.family(MAIN)] == [MAIN, SUB2]
     d.feed(RunRevoked(MAIN, d.now))  # takes its sub-runs along
     assert not d.hub.knows_run(SUB2) and MAIN not in d.hub.sub_runs
     assert [g.run_id for g in d.hub.lineage(OTHER)] == [OTHER]

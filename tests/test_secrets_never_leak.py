@@ -372,33 +372,40 @@ async def test_secrets_in_an_event_id_or_type_are_not_stored_as_they_are(tmp_pat
     assert answer["channel"] == "runtime.session.error" or not leaked, stored
 
 
-async def test_a_main_runs_secrets_are_masked_in_its_sub_runs_logs(tmp_path: Path) -> None:
-    """A main run's token reads the main run's secrets and publishes into its sub-runs' logs: a
-    main run's secret echoed into a sub-run's output is masked like the sub-run's own. A sub-run
-    created later does not change how the main run's log masks: a re-publish (a retry after a
-    lost reply) must be stored once, not refused as a seq_conflict."""
+async def test_a_run_familys_secrets_are_masked_in_each_of_its_logs(tmp_path: Path) -> None:
+    """A main run's token reads the secrets of its main run and every sub-run, and publishes
+    into all their logs: each log masks all of them in `type` and `data`. EventIds are masked
+    only with the secrets fixed for the run's life (its own, its main run's), so a re-publish
+    after a sub-run appeared still matches what was stored (not a seq_conflict)."""
     async with gateway_for_test(tmp_path) as h:
         main_id, token = await h.create_run(secrets={"API_KEY": API_KEY})
         async with raw_wire(h.running.runtime_url, h.ca.client_context(), token) as wire:
+            sessions: dict[str, str] = {}
 
-            async def publish(n: int, run_id: str, text: str) -> dict[str, Any]:
-                attached = await wire.call({
-                    "channel": "runtime.session.attach.command", "id": f"a{n}",
-                    "payload": {"runId": run_id, "runtimeInstanceId": "rt",
-                                "protocolVersion": "v1"}})
-                return await wire.call({"channel": OUTPUT, "id": f"o{n}", "payload": {
-                    "sessionId": attached["payload"]["sessionId"], "runId": run_id, "events": [
-                        {"eventId": "e0", "seq": 0, "type": "log", "data": {"text": text},
+            async def publish(run_id: str, seq: int, event_id: str, text: str) -> Any:
+                if run_id not in sessions:
+                    attached = await wire.call({
+                        "channel": "runtime.session.attach.command", "id": f"a-{run_id}",
+                        "payload": {"runId": run_id, "runtimeInstanceId": "rt",
+                                    "protocolVersion": "v1"}})
+                    sessions[run_id] = attached["payload"]["sessionId"]
+                answer = await wire.call({"channel": OUTPUT, "id": f"o-{run_id}-{seq}",
+                                          "payload": {
+                    "sessionId": sessions[run_id], "runId": run_id, "events": [
+                        {"eventId": event_id, "seq": seq, "type": "log", "data": {"text": text},
                          "timestamp": "2026-11-21T12:00:00Z"}]}})
+                return answer["payload"]
 
-            assert (await publish(0, main_id, f"uses {WEBHOOK}"))["payload"]["accepted"]
+            assert await publish(main_id, 0, f"evt-{WEBHOOK}", "first") == {"accepted": True}
             sub_id, _ = await h.create_run(mainRunId=main_id, secrets={"WEBHOOK": WEBHOOK})
-            again = await publish(1, main_id, f"uses {WEBHOOK}")
-            assert again["payload"] == {"accepted": True}, again  # the same event, stored once
-            assert (await publish(2, sub_id, f"key={API_KEY}"))["payload"]["accepted"]
+            # The same event again (its reply was lost): WEBHOOK is now a secret of the family.
+            assert await publish(main_id, 0, f"evt-{WEBHOOK}", "first") == {"accepted": True}
+            assert await publish(main_id, 1, "e1", f"hook={WEBHOOK}") == {"accepted": True}
+            assert await publish(sub_id, 0, "e0", f"key={API_KEY}") == {"accepted": True}
         stored = {run: (await h.http.get(f"/v1/runs/{run}/outputs")).json()["events"]
                   for run in (sub_id, main_id)}
-    leaked = leaks(json.dumps(stored[sub_id]))
-    reliability_ledger.record("secrets: output masking", 1, len(leaked))
+    assert [e["data"] for e in stored[main_id]] == [{"text": "first"}, {"text": "hook=***"}]
     assert stored[sub_id][0]["data"] == {"text": "key=***"}
-    assert len(stored[main_id]) == 1
+    leaked = leaks(json.dumps([stored[sub_id], stored[main_id][1]]))
+    reliability_ledger.record("secrets: output masking", 2, len(leaked))
+    assert not leaked
