@@ -357,6 +357,11 @@ def _run_id(request: Request) -> str:
     return run_id
 
 
+def _unknown_run() -> Problem:
+    """The 404 every route answers for a run that was never created or is revoked."""
+    return Problem(404, "unknown-run", "no live run has this id")
+
+
 def _store_failed(failure: StoreError) -> Problem:
     # The store's own words (SQLite's reason, never a value) tell an operator what to fix.
     log.error("store failed: %s", failure)
@@ -414,7 +419,7 @@ class _Routes:
         except StoreError as failure:
             raise _store_failed(failure) from None
         if token is None:
-            raise Problem(404, "unknown-run", "no live run has this id")
+            raise _unknown_run()
         return _json({"runId": run_id, "runtimeToken": token}, 200, {"cache-control": "no-store"})
 
     async def revoke_run(self, request: Request) -> Response:
@@ -425,7 +430,7 @@ class _Routes:
         except StoreError as failure:
             raise _store_failed(failure) from None
         if not revoked:
-            raise Problem(404, "unknown-run", "no live run has this id")
+            raise _unknown_run()
         return Response(status_code=204)
 
     async def post_inputs(self, request: Request) -> Response:
@@ -436,7 +441,7 @@ class _Routes:
         try:
             seqs = await self.gateway.post_inputs(run_id, inputs)
         except UnknownRun:
-            raise Problem(404, "unknown-run", "no live run has this id") from None
+            raise _unknown_run() from None
         except InputConflict as conflict:
             raise Problem(409, "input-conflict", "an input with this eventId is queued already "
                           "with another type or data; nothing was queued",
@@ -453,7 +458,7 @@ class _Routes:
         wait_s = _query_seconds(request, "wait", MAX_WAIT_S)
         try:
             if await self.gateway.store.get_run(run_id) is None:
-                raise Problem(404, "unknown-run", "no live run has this id")
+                raise _unknown_run()
             events = await _unless_hung_up(
                 request.receive, partial(self.gateway.wait_outputs, run_id, after, limit, wait_s)
             )
@@ -481,7 +486,7 @@ class _Routes:
         except StoreError as failure:
             raise _store_failed(failure) from None
         if view is None:
-            raise Problem(404, "unknown-run", "no live run has this id")
+            raise _unknown_run()
         return _json(session_json(view))
 
     async def healthz(self, request: Request) -> Response:

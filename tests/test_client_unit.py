@@ -235,6 +235,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
             await trio.sleep(0.005)
 
 
+async def process_inputs_0_and_1(s: GatewaySession) -> None:
+    """Take inputs 0 and 1 and ask for the next one, which marks 1 processed (none comes)."""
+    iterator = s.inputs()
+    await iterator.__anext__()
+    await iterator.__anext__()
+    with trio.move_on_after(0.01):
+        await iterator.__anext__()
+
+
 # --- requests and replies ----------------------------------------------------------------------
 
 
@@ -620,11 +629,7 @@ async def test_leaving_retries_the_last_ack_when_its_link_is_cut() -> None:
 
         fake.react = cut_first_ack
         async with session(fake, ack_delay=5.0) as s:  # only the close flushes acks here
-            iterator = s.inputs()
-            await iterator.__anext__()
-            await iterator.__anext__()
-            with trio.move_on_after(0.01):  # asking for the next marks 1 as processed
-                await iterator.__anext__()
+            await process_inputs_0_and_1(s)
     assert fake.acked == 1
     assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1]
 
@@ -850,11 +855,7 @@ async def test_leaving_after_a_stored_ack_lost_its_reply_does_not_wait() -> None
         fake.react = store_then_cut
         with trio.fail_after(5):  # far below close_timeout: nothing is owed
             async with session(fake, ack_delay=5.0, close_timeout=30) as s:
-                iterator = s.inputs()
-                await iterator.__anext__()
-                await iterator.__anext__()
-                with trio.move_on_after(0.01):  # asking for the next marks 1 as processed
-                    await iterator.__anext__()
+                await process_inputs_0_and_1(s)
     assert fake.acked == 1
     assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1]
 
@@ -872,11 +873,7 @@ async def test_leaving_after_a_lost_ack_waits_for_the_redelivery_if_it_was_not_s
 
         fake.react = cut_first_ack
         async with session(fake, ack_delay=5.0) as s:
-            iterator = s.inputs()
-            await iterator.__anext__()
-            await iterator.__anext__()
-            with trio.move_on_after(0.01):
-                await iterator.__anext__()
+            await process_inputs_0_and_1(s)
     assert fake.acked == 1
     # The probe is refused (not stored), and sent once more only after the redelivery.
     assert [c.seq for c in fake.commands(Channel.INPUT_ACK, conn=1)] == [1, 1]
