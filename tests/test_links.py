@@ -7,6 +7,7 @@ timing checks are exact and cost no wall time (pytest-trio's `autojump_clock`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import pytest
@@ -31,24 +32,30 @@ class _SlowPeer:
         self.sent.append(message)
 
 
-async def _send_watched(delay: float) -> tuple[Link, _SlowPeer, float]:
-    """Send one frame to a peer with `delay` under the watchdog; return when the send ended."""
-    peer = _SlowPeer(delay)
+async def _watched(
+    peer: _SlowPeer, act: Callable[[Link], Awaitable[None]]
+) -> tuple[Link, _SlowPeer, float]:
+    """Run `act` on a link to `peer` under the watchdog; return when the connection ended."""
     # A watchdog that never fires must fail the test, not hang it.
     with trio.fail_after(TIMEOUT * 2):
-        return await _send_under_watchdog(peer)
-
-
-async def _send_under_watchdog(peer: _SlowPeer) -> tuple[Link, _SlowPeer, float]:
-    async with trio.open_nursery() as watchdog:
-        async with trio.open_nursery() as connection:
-            link = Link(1, cast(WebSocketConnection, peer), 4, connection, TIMEOUT)
-            watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
-            started = trio.current_time()
-            await link.send("a reply")
-        ended = trio.current_time() - started
-        watchdog.cancel_scope.cancel()
+        async with trio.open_nursery() as watchdog:
+            async with trio.open_nursery() as connection:
+                link = Link(1, cast(WebSocketConnection, peer), 64, connection, TIMEOUT)
+                watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
+                started = trio.current_time()
+                await act(link)
+            ended = trio.current_time() - started
+            watchdog.cancel_scope.cancel()
     return link, peer, ended
+
+
+async def _send_watched(delay: float) -> tuple[Link, _SlowPeer, float]:
+    """Send one frame to a peer with `delay` under the watchdog; return when the send ended."""
+
+    async def reply(link: Link) -> None:
+        await link.send("a reply")
+
+    return await _watched(_SlowPeer(delay), reply)
 
 
 async def test_a_peer_that_never_reads_is_closed_4003_within_a_quarter_past_the_timeout(
@@ -106,21 +113,15 @@ async def _queued_to_a_peer_that_never_reads(
     close: CloseCode | None,
 ) -> tuple[Link, _SlowPeer, float]:
     """Queue two frames (far fewer than the queue holds) for a peer that never reads."""
-    peer = _SlowPeer(float("inf"))
-    with trio.fail_after(TIMEOUT * 2):  # a watchdog that never fires must fail, not hang
-        async with trio.open_nursery() as watchdog:
-            async with trio.open_nursery() as connection:
-                link = Link(1, cast(WebSocketConnection, peer), 64, connection, TIMEOUT)
-                watchdog.start_soon(watch_sends, {1: link}, TIMEOUT)
-                started = trio.current_time()
-                link.enqueue("an input delivery")
-                link.enqueue("another")
-                if close is not None:
-                    await trio.sleep(1)
-                    link.close(close, "decided while the writer was stuck")
-            ended = trio.current_time() - started
-            watchdog.cancel_scope.cancel()
-    return link, peer, ended
+
+    async def deliver(link: Link) -> None:
+        link.enqueue("an input delivery")
+        link.enqueue("another")
+        if close is not None:
+            await trio.sleep(1)
+            link.close(close, "decided while the writer was stuck")
+
+    return await _watched(_SlowPeer(float("inf")), deliver)
 
 
 async def test_a_peer_that_stops_reading_queued_frames_is_closed_4003(
