@@ -76,6 +76,7 @@ from statemachine.messages import (
     RecoverConnectionsCommand,
     RuntimeAttachRequest,
     TaskInputDelivery,
+    delivery_id,
 )
 from statemachine.records import RunGrant, SessionState
 
@@ -252,13 +253,13 @@ class Gateway:
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
 
-    def _delivery_frames(self, delivery_id: str, delivery: TaskInputDelivery) -> list[str]:
+    def _delivery_frames(self, frame_id: str, delivery: TaskInputDelivery) -> list[str]:
         """Encode a delivery, split into frames no bigger (in UTF-8 bytes) than the frame limit.
 
         The core batches by count; only here are bytes known. The control API refuses an input
         that could not fit a frame alone, so halving always ends.
         """
-        frame = encode(Channel.INPUT, delivery_id, delivery)
+        frame = encode(Channel.INPUT, frame_id, delivery)
         # The limit is in bytes on the wire: a str's length undercounts non-ASCII text 2-4x.
         size = len(frame) if frame.isascii() else len(frame.encode("utf-8"))
         if size <= self.settings.max_frame_bytes or len(delivery.events) == 1:
@@ -266,7 +267,7 @@ class Gateway:
         half = len(delivery.events) // 2
         frames = []
         for part in (delivery.events[:half], delivery.events[half:]):
-            part_id = f"in-{delivery.run_id}-{part[0].seq}"
+            part_id = delivery_id(delivery.run_id, part[0].seq)
             frames += self._delivery_frames(part_id, evolve(delivery, events=part))
         return frames
 

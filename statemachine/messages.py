@@ -8,7 +8,8 @@ RFC 3339 UTC strings on the wire, so the core never formats or parses time.
 from __future__ import annotations
 
 import enum
-from typing import Any, NewType
+import hashlib
+from typing import Any, Final, NewType
 
 from attrs import frozen
 
@@ -318,6 +319,23 @@ class TaskInputDelivery:
     session_id: str
     run_id: str
     events: tuple[InputEvent, ...]
+
+
+MAX_FRAME_ID: Final = 64
+"""The envelope's RequestId bound (`^[!-~]{1,64}$`), which ids the gateway picks must keep too."""
+
+
+def delivery_id(run_id: str, first_seq: int) -> str:
+    """The envelope id of an input delivery: `in-<runId>-<first seq>`, readable where it fits.
+
+    A runId may be 68 characters, more than an id holds; such a run is named by a digest of its
+    id instead, which still tells apart the runs (a main run and its sub-runs) on one connection.
+    """
+    readable = f"in-{run_id}-{first_seq}"
+    if len(readable) <= MAX_FRAME_ID:
+        return readable
+    digest = hashlib.blake2b(run_id.encode("ascii"), digest_size=8).hexdigest()
+    return f"in-{digest}-{first_seq}"
 
 
 @frozen

@@ -29,6 +29,7 @@ from statemachine.messages import (
     Millis,
     RuntimeAttachResponse,
     TaskInputDelivery,
+    delivery_id,
 )
 from statemachine.policy import Policy
 from statemachine.records import RunGrant, SessionRecord, SessionState
@@ -361,7 +362,7 @@ class Session:
         self.input_sent = fresh[-1].seq
         self.input_last = max(self.input_last, self.input_sent)
         delivery = TaskInputDelivery(self.session_id, self.run_id, fresh)
-        out.append(DeliverInputs(conn, f"in-{self.run_id}-{fresh[0].seq}", delivery))
+        out.append(DeliverInputs(conn, delivery_id(self.run_id, fresh[0].seq), delivery))
 
     def input_read_failed(self, ticket: int) -> None:
         """Forget a failed read so the next pump tries again."""

@@ -11,11 +11,12 @@ import trio
 from e2e_support import Harness, Wire, error_code, gateway_for_test
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from gateway.codec import decode_server_frame
 from gateway.links import Link
 from gateway.store.base import StoreError
 from statemachine.effects import ArmTimer, Effect, SendReply
 from statemachine.inputs import CommandReceived
-from statemachine.messages import HeartbeatCommand, HeartbeatResponse, Millis
+from statemachine.messages import Channel, HeartbeatCommand, HeartbeatResponse, Millis
 from statemachine.records import SessionState
 
 HEARTBEAT = "runtime.session.heartbeat.command"
@@ -432,6 +433,30 @@ async def test_big_input_batches_are_split_into_frames_that_fit(
                 assert frame["channel"] == INPUT
                 seqs += [e["seq"] for e in frame["payload"]["events"]]
             assert seqs == list(range(10))
+
+
+async def test_deliveries_of_a_run_with_the_longest_id_have_valid_frame_ids(
+    tmp_path: Path,
+) -> None:
+    """`in-<runId>-<seq>` would be 73 characters here; an envelope id holds 64."""
+    long_run_id = "run_" + "A" * 64  # the longest runId identity.json allows
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, token = await h.create_run(runId=long_run_id)
+        inputs = [{"type": "chunk", "data": {"text": "7" * 1500}} for n in range(4)]
+        posted = await h.http.post(f"/v1/runs/{run_id}/inputs", json={"events": inputs})
+        assert posted.status_code == 202, posted.text
+        async with h.wire(token) as wire:
+            await wire.attach(run_id)
+            ids: list[str] = []
+            seqs: list[int] = []
+            while len(seqs) < 4:  # split into several frames: both ways of naming one are used
+                raw = await wire.ws.get_message()
+                channel, frame_id, delivery = decode_server_frame(raw)  # the runtime's check
+                assert channel is Channel.INPUT and frame_id is not None
+                ids.append(frame_id)
+                seqs += [e.seq for e in delivery.events]
+            assert seqs == list(range(4))
+            assert len(ids) > 1 and len(set(ids)) == len(ids)
 
 
 async def test_a_runtime_that_starts_over_learns_where_the_log_goes_on(tmp_path: Path) -> None:
