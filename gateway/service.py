@@ -90,6 +90,11 @@ def _new_token() -> str:
     return "agt_" + secrets.token_urlsafe(32)
 
 
+def utf8_size(text: str) -> int:
+    """A frame's size on the wire, where limits count bytes (len() undercounts non-ASCII 2-4x)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def token_digest(token: str) -> bytes:
     """Runtime tokens are kept only as digests: a stolen database grants no access."""
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -134,6 +139,9 @@ class Gateway:
         self._output_polls: Counter[str] = Counter()  # long polls in progress, by run
         self._no_links = trio.Event()
         self._no_links.set()
+        # Frames this long or shorter are within `max_frame_bytes` whatever their characters.
+        self._short_frame = settings.max_frame_bytes // 4
+        self._hard_frame = settings.hard_frame_bytes
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -186,6 +194,11 @@ class Gateway:
                     reply = cast(SendReply, effect)
                     channel = REPLY_CHANNELS[type(reply.payload)]
                     frame = encode(channel, reply.request_id, reply.payload)
+                    # A UTF-8 character is at most 4 bytes: only a long frame needs counting.
+                    if len(frame) > self._short_frame and (
+                        error := self._oversized(frame, reply.request_id)
+                    ):
+                        channel, frame = Channel.ERROR, error
                     if (link := self._direct(reply.conn, frame, origin)) is not None:
                         await link.send(frame)
                     self.metrics.frames.sent[channel] += 1
@@ -253,6 +266,23 @@ class Gateway:
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
 
+    def _oversized(self, frame: str, request_id: str) -> str | None:
+        """The error frame to send instead of a reply over `maxFrameBytes`, or None if it fits.
+
+        Only reads can get that big (a `kv.get` of many large values): the runtime is told to
+        ask for less, instead of getting a frame its transport would refuse (1009).
+        """
+        size = utf8_size(frame)
+        if size <= self.settings.max_frame_bytes:
+            return None
+        self.metrics.error[ErrorCode.PAYLOAD_TOO_LARGE].inc()
+        error = ErrorPayload.of(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the reply would be {size} bytes, over maxFrameBytes"
+            f" ({self.settings.max_frame_bytes}); ask for less at a time",
+        )
+        return encode(Channel.ERROR, request_id, error)
+
     def _delivery_frames(self, frame_id: str, delivery: TaskInputDelivery) -> list[str]:
         """Encode a delivery, split into frames no bigger (in UTF-8 bytes) than the frame limit.
 
@@ -260,9 +290,7 @@ class Gateway:
         that could not fit a frame alone, so halving always ends.
         """
         frame = encode(Channel.INPUT, frame_id, delivery)
-        # The limit is in bytes on the wire: a str's length undercounts non-ASCII text 2-4x.
-        size = len(frame) if frame.isascii() else len(frame.encode("utf-8"))
-        if size <= self.settings.max_frame_bytes or len(delivery.events) == 1:
+        if utf8_size(frame) <= self.settings.max_frame_bytes or len(delivery.events) == 1:
             return [frame]
         half = len(delivery.events) // 2
         frames = []
@@ -414,6 +442,10 @@ class Gateway:
                 "binary frames are not part of the protocol: send one JSON object per text message",
             )
             await self._refuse(link, None, error)
+            return
+        if len(message) > self._short_frame and utf8_size(message) > self._hard_frame:
+            # The transport's own limit counts characters; the documented one counts bytes.
+            link.abort(CloseCode.MESSAGE_TOO_BIG, "the frame is over the hard size limit")
             return
         decoded = decode(message, self.settings.max_frame_bytes)
         if isinstance(decoded, DecodeError):

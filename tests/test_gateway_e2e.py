@@ -46,6 +46,12 @@ def event(seq: int, text: str = "x") -> dict[str, Any]:
     }
 
 
+def utf8_frame(channel: str, request_id: str, payload: dict[str, Any]) -> str:
+    """A command frame with its non-ASCII text as is (`Wire.send` escapes it to ASCII)."""
+    frame = {"channel": channel, "id": request_id, "payload": payload}
+    return json.dumps(frame, ensure_ascii=False)
+
+
 async def attached(h: Harness, wire: Wire, run_id: str, **extra: Any) -> dict[str, Any]:
     """Attach and return the ids every later command needs."""
     reply = await wire.attach(run_id, **extra)
@@ -354,6 +360,40 @@ async def test_refusals_with_their_codes(tmp_path: Path) -> None:
             assert error_code(big) == "payload_too_large"
             # Still serving after every refusal:
             assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+
+
+async def test_a_kv_get_reply_over_max_frame_bytes_is_refused_not_sent(tmp_path: Path) -> None:
+    """Each value fits a frame, all of them together do not: the runtime must ask for fewer."""
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, token = await h.create_run(capabilities=["kv.read", "kv.write"])
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id, capabilities=["kv.read", "kv.write"])
+            for key in ("a", "b", "c"):
+                value = {**ids, "kv": {key: "\u00e9" * 900}}
+                await wire.ws.send_message(utf8_frame(KV_SET, key, value))
+                assert (await wire.answer(key))["payload"] == {"accepted": True}
+            # 2 700 characters, but 5 400 bytes of value on the wire:
+            too_big = await wire.call(KV_GET, {**ids, "keys": ["a", "b", "c"]})
+            assert error_code(too_big) == "payload_too_large"
+            assert too_big["payload"]["retryable"] is False
+            fits = await wire.call(KV_GET, {**ids, "keys": ["a", "b"]})
+            assert fits["payload"]["kv"] == {"a": "\u00e9" * 900, "b": "\u00e9" * 900}
+        metrics = (await h.http.get("/metrics")).text
+        assert 'code="payload_too_large"} 1.0' in metrics
+
+
+async def test_a_frame_over_the_hard_limit_in_bytes_closes_with_1009(tmp_path: Path) -> None:
+    """The hard limit (twice maxFrameBytes) is in bytes, though the transport counts characters."""
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, token = await h.create_run(capabilities=["kv.write"])
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id, capabilities=["kv.write"])
+            # 4 500 characters (under the transport's 8 192), 13 500 bytes (over the hard limit).
+            big = {**ids, "kv": {"k": "\u20ac" * 4500}}
+            await wire.ws.send_message(utf8_frame(KV_SET, "big", big))
+            with pytest.raises(ConnectionClosed) as closed:
+                await wire.ws.get_message()
+            assert close_code(closed.value) == 1009
 
 
 async def test_rate_limit(tmp_path: Path) -> None:
