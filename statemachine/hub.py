@@ -509,10 +509,11 @@ class Hub:
         if command.seq <= session.input_acked:
             out.append(SendReply(event.conn, event.request_id, AckInputResponse(True)))
             return
-        if command.seq > session.input_sent:
+        if command.seq > max(session.input_sent, session.input_resumed):
             raise Refused.because(
                 ErrorCode.SEQ_GAP,
-                f"seq {command.seq} was not delivered yet; last delivered: {session.input_sent}",
+                f"seq {command.seq} was not delivered yet; last delivered:"
+                f" {max(session.input_sent, session.input_resumed)}",
             )
         ticket = self._await_store(
             conn, Pending(Op.ACK, event.conn, event.request_id, (session.run_id,), command.seq)
@@ -546,6 +547,8 @@ class Hub:
             session = self.sessions.get(pending.run_ids[0])
             if session is not None:
                 session.input_acked = max(session.input_acked, pending.payload)
+                # What is acknowledged is never sent again (acks may run ahead after a resume).
+                session.input_sent = max(session.input_sent, session.input_acked)
             reply = AckInputResponse(True)
         else:
             reply = SetKVResponse(True)

@@ -63,11 +63,13 @@ class Session:
         "input_acked",
         "input_last",
         "input_reading",
+        "input_resumed",
         "input_sent",
         "lease_expires_at",
         "output_next",
         "policy",
         "recovery_deadline",
+        "resuming",
         "run_id",
         "runtime_instance_id",
         "session_id",
@@ -92,6 +94,11 @@ class Session:
         self.input_acked = -1  # inputs up to here are acknowledged (durably)
         self.input_last = -1  # inputs up to here are queued in the store
         self.input_sent = -1  # inputs up to here went out on the current connection
+        # Inputs up to here were queued before the current connection resumed the session, so an
+        # earlier connection may have been sent them: the runtime may ack them before they are
+        # sent again (it processed them before the drop).
+        self.input_resumed = -1
+        self.resuming = False  # the claim in flight resumes the session (re-attach, recover)
         self.input_reading: int | None = None  # the store read of inputs in flight, if any
         self.output_next = 0  # the seq the run's output log takes next, as of the last claim
 
@@ -204,6 +211,7 @@ class Session:
         # The connection that already holds the session, resuming it: what went out on it
         # stays sent (a live connection is sent nothing twice, and may ack all of it).
         same_link = resumes and self.conn == conn
+        self.resuming = resumes
         if claimant.runtime_instance_id is not None:
             self.runtime_instance_id = claimant.runtime_instance_id
         if claimant.capabilities is not None:
@@ -250,6 +258,7 @@ class Session:
         self.input_last = max(self.input_last, claim.input_last_seq.get(self.run_id, -1))
         # Redeliver whatever was not acknowledged, unless this very connection was sent it.
         self.input_sent = max(self.input_sent, self.input_acked)
+        self.input_resumed = self.input_last if self.resuming else -1
         self._arm(out)
         return True
 

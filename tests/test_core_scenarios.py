@@ -352,6 +352,50 @@ def test_an_ack_beyond_what_was_delivered_is_a_seq_gap() -> None:
     assert d.unanswered == {}
 
 
+@pytest.mark.parametrize("how", ["recover", "reattach"])
+def test_inputs_processed_before_a_drop_may_be_acked_before_they_are_sent_again(
+    how: str,
+) -> None:
+    """An ack means "processed up to here" (extensions.json), whichever connection got them.
+
+    Right after resuming, the runtime acks what it processed before its link dropped, while
+    their redelivery is still being read: that is no gap, and they are not sent again. Inputs
+    queued after the resume can only have gone out on the new link.
+    """
+    d, sid = leased(epoch=1)
+    d.post_inputs(MAIN, 3)
+    assert [e.seq for e in only(of_type(d.settle(), DeliverInputs)).delivery.events] == [0, 1, 2]
+    d.lose(1)
+    d.open(2)
+    command = (recover_cmd(sid, MAIN, epoch=2) if how == "recover"
+               else attach_cmd(MAIN, epoch=2, reconnect=True))
+    effects = d.send(2, command, request_id="resume")
+    effects += d.answer_from_store(d.ticket_of(ClaimEpoch))  # granted; the redelivery is read
+    d.post_inputs(MAIN, 1)  # seq 3, queued after the resume
+    effects += d.send(2, ack_cmd(sid, MAIN, 2), request_id="ack")
+    effects += d.send(2, ack_cmd(sid, MAIN, 3), request_id="early")
+    assert error_of(effects, "early").code is ErrorCode.SEQ_GAP
+    # The ack is durable before the redelivery's read returns (had the read come first, 0-2
+    # would go out again: at least once, and the runtime skips seqs it has processed).
+    effects += d.answer_from_store(d.ticket_of(AckInputs))
+    effects += d.settle()
+    assert reply_of(effects, AckInputResponse, "ack").accepted
+    assert d.store.acked[MAIN] == 2
+    sent = [e.seq for x in of_type(effects, DeliverInputs) for e in x.delivery.events]
+    assert sent == [3]
+
+
+def test_a_new_session_may_not_ack_inputs_it_was_never_sent() -> None:
+    d = Driver(runs=[grant(MAIN)])
+    d.post_inputs(MAIN, 2)
+    d.open(1)
+    effects = d.send(1, attach_cmd(MAIN), request_id="attach")
+    effects += d.answer_from_store(d.ticket_of(ClaimEpoch))
+    sid = reply_of(effects, RuntimeAttachResponse, "attach").session_id
+    gap = error_of(d.send(1, ack_cmd(sid, MAIN, 0), request_id="ack"), "ack")
+    assert gap.code is ErrorCode.SEQ_GAP
+
+
 def test_an_output_batch_that_skips_a_seq_is_refused_with_the_next_seq() -> None:
     d, sid = leased()
     d.send(1, publish_cmd(sid, MAIN, [0, 1]))
