@@ -904,6 +904,36 @@ async def test_long_poll_returns_as_soon_as_an_output_is_stored(
     assert conforms(got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
 
 
+async def test_a_drain_answers_long_polls_in_flight(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered before the drain ends (and the control API with it), not dropped unanswered."""
+    run_id, _ = await env.create_run()
+    parked = trio.Event()
+    read_outputs = env.gateway.store.read_outputs
+
+    async def spy(run: str, after: int, limit: int) -> Any:
+        events = await read_outputs(run, after, limit)
+        parked.set()
+        return events
+
+    monkeypatch.setattr(env.gateway.store, "read_outputs", spy)
+    got: list[httpx.Response] = []
+
+    async def poll() -> None:
+        got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60}))
+
+    with trio.fail_after(30):  # far less than the poll's own 60 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            await parked.wait()
+            await env.gateway.drain()
+    assert conforms(got[0], OUTPUTS) == {"events": [], "next": -1}
+    # A poll that comes during the drain does not wait either.
+    late = await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60})
+    assert conforms(late, OUTPUTS) == {"events": [], "next": -1}
+
+
 async def test_a_long_poll_sees_an_output_stored_while_its_read_was_answered(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
