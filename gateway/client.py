@@ -697,8 +697,11 @@ class GatewaySession:
                             link.kill("attach failed")
                         nursery.cancel_scope.cancel()
             if opening.cancelled_caught:
+                # trio-websocket reports a refused certificate as this silence, not as itself.
                 attempt.error = ConnectionError(
-                    f"no WebSocket handshake within {self._o.connect_timeout:g} s"
+                    f"no WebSocket handshake within {self._o.connect_timeout:g} s (if the gateway's"
+                    " certificate is self-signed, as serve --dev's is, pass an ssl_context that"
+                    " trusts it)"
                 )
         except ConnectionRejected as rejected:
             status = rejected.status_code or 0

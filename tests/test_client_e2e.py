@@ -14,6 +14,7 @@ from e2e_support import Harness, gateway_for_test
 
 from gateway.chaos import ChaosProxy
 from gateway.client import (
+    ConnectError,
     ConnectionState,
     GatewayError,
     GatewaySession,
@@ -123,6 +124,17 @@ async def test_wrong_token_is_rejected(tmp_path: Path) -> None:
             async with client(h, "agt_not-the-token", run_id):
                 raise AssertionError("must not attach")
         assert caught.value.status_code == 401
+
+
+async def test_an_untrusted_certificate_says_to_pass_an_ssl_context(tmp_path: Path) -> None:
+    """trio-websocket reports a refused certificate as a handshake that never comes."""
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        with pytest.raises(ConnectError) as caught:
+            async with connect(h.running.runtime_url, token=token, run_id=run_id,
+                               connect_timeout=0.5):  # the system's CAs: not the test's
+                raise AssertionError("must not attach")
+        assert "pass an ssl_context" in str(caught.value.__cause__)
 
 
 @asynccontextmanager
