@@ -15,7 +15,7 @@ import attrs
 import pytest
 import yaml
 
-from gateway import codec
+from gateway import codec, server
 from gateway.specfiles import spec_root
 from statemachine import messages as m
 
@@ -309,6 +309,14 @@ def test_errors_md_documents_every_close_code() -> None:
     assert set(documented) == {int(c) for c in m.CloseCode}
     for code in m.CloseCode:
         assert documented[code][2] == ("extension" if code >= 4000 else "no")
+
+
+def test_errors_md_documents_every_handshake_refusal() -> None:
+    """Each (status, slug) the runtime endpoint refuses with, read from its source."""
+    source = (Path(server.__file__)).read_text(encoding="utf-8")
+    refused = set(re.findall(r'_reject\(\s*request,\s*(\d{3}),\s*"([a-z-]+)"', source))
+    rows = table_rows(ERRORS_MD.read_text(encoding="utf-8"), "The handshake")
+    assert refused and {(row[0].strip("`"), row[1].strip("`")) for row in rows} == refused
 
 
 def test_errors_md_states_the_limits_the_codec_enforces() -> None:
