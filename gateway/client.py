@@ -733,6 +733,7 @@ class GatewaySession:
             reconnect=reconnect,
             connection_epoch=epoch,
             capabilities=self._o.capabilities,
+            reply_extensions=True,  # where the output log goes on, and the frame size limit
         )
         outcome: object = _DROPPED
         with trio.move_on_after(self._o.connect_timeout):

@@ -370,7 +370,9 @@ class Hub:
             capabilities=frozenset(command.capabilities) & session.grant.capabilities,
         )
         trigger = Trigger.REATTACH if command.reconnect else Trigger.ATTACH
-        pending = Pending(Op.ATTACH, event.conn, event.request_id, (command.run_id,))
+        pending = Pending(
+            Op.ATTACH, event.conn, event.request_id, (command.run_id,), command.reply_extensions
+        )
         self._claim(conn, event, ((session, trigger),), epoch, claimant, pending, out)
 
     def _recover(self, conn: Connection, event: CommandReceived, out: list[Effect]) -> None:
@@ -608,7 +610,7 @@ class Hub:
             return ErrorPayload.of(ErrorCode.STALE_EPOCH, "a higher epoch took this run")
         if pending.op is Op.RECOVER:
             return RecoverConnectionsResponse(True)
-        return self.sessions[pending.run_ids[0]].attach_response()
+        return self.sessions[pending.run_ids[0]].attach_response(extended=pending.payload)
 
     def _inputs_answered(self, pending: Pending, event: StoreAnswered, out: list[Effect]) -> None:
         session = self.sessions.get(pending.run_ids[0])

@@ -130,6 +130,9 @@ class RuntimeAttachRequest:
     reconnect: bool = False
     connection_epoch: int | None = None
     capabilities: tuple[Capability, ...] = ()
+    # Extension: ask for the reply's extension fields (a runtime built on the seed alone would
+    # refuse them: the seed's reply allows no other properties).
+    reply_extensions: bool = False
 
 
 @frozen

@@ -262,16 +262,16 @@ class Session:
         self._arm(out)
         return True
 
-    def attach_response(self) -> RuntimeAttachResponse:
-        """What the runtime learns when its attach is granted."""
+    def attach_response(self, extended: bool) -> RuntimeAttachResponse:
+        """What the runtime learns when its attach is granted (`extended`: if it asked for more)."""
         return RuntimeAttachResponse(
             session_id=self.session_id,
             run_id=self.run_id,
             heartbeat_interval_ms=self.policy.heartbeat_interval_ms,
             lease_expires_at=self.lease_expires_at,
             config_version=self.grant.config_version,
-            next_output_seq=self.output_next,
-            max_frame_bytes=self.policy.max_frame_bytes,
+            next_output_seq=self.output_next if extended else None,
+            max_frame_bytes=self.policy.max_frame_bytes if extended else None,
         )
 
     # --- using the session ----------------------------------------------------------------------

@@ -132,8 +132,9 @@ def attach_cmd(
     attempt: str | None = ATTEMPT,
     instance: str = INSTANCE,
     version: str = "v1",
+    extensions: bool = True,
 ) -> RuntimeAttachRequest:
-    """An attach command as a runtime would send it."""
+    """An attach command as a runtime would send it (this project's client asks for extensions)."""
     return RuntimeAttachRequest(
         run_id=run_id,
         runtime_instance_id=instance,
@@ -142,6 +143,7 @@ def attach_cmd(
         reconnect=reconnect,
         connection_epoch=epoch,
         capabilities=tuple(caps),
+        reply_extensions=extensions,
     )
 
 

@@ -351,7 +351,7 @@ async def test_refusals_with_their_codes(tmp_path: Path) -> None:
                     {"runId": run_id, "runtimeInstanceId": "rt", "protocolVersion": "v9"},
                 )
             ) == ("unsupported_version")
-            reply = await wire.attach(run_id)
+            reply = await wire.attach(run_id, replyExtensions=True)
             assert reply["maxFrameBytes"] == 4096  # so runtimes size their frames to fit
             ids = {"sessionId": reply["sessionId"], "runId": run_id}
             wrong = {"sessionId": "ses_ffffffffffffffff", "runId": run_id}
@@ -503,13 +503,15 @@ async def test_a_runtime_that_starts_over_learns_where_the_log_goes_on(tmp_path:
     async with gateway_for_test(tmp_path) as h:
         run_id, token = await h.create_run()
         async with h.wire(token) as wire:
-            reply = await wire.attach(run_id)
+            reply = await wire.attach(run_id, replyExtensions=True)
             assert reply["nextOutputSeq"] == 0
             ids = {"sessionId": reply["sessionId"], "runId": run_id}
             await wire.call(OUTPUT, {**ids, "events": [event(0), event(1), event(2)]})
         # A new runtime process (a new attempt) that does not know the log's position:
         async with h.wire(token) as wire:
-            reply = await wire.attach(run_id, runtimeInstanceId="rt-2", connectionEpoch=1)
+            reply = await wire.attach(
+                run_id, runtimeInstanceId="rt-2", connectionEpoch=1, replyExtensions=True
+            )
             assert reply["nextOutputSeq"] == 3
             ids = {"sessionId": reply["sessionId"], "runId": run_id}
             restart = {**event(0, "new work"), "eventId": "evt-fresh-0"}
