@@ -16,7 +16,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 
 from statemachine.effects import (
     AckInputs,
@@ -73,6 +73,7 @@ from statemachine.messages import (
     RecoverConnectionsCommand,
     RecoverConnectionsResponse,
     RuntimeAttachRequest,
+    RuntimeAttachResponse,
     SetKVCommand,
     SetKVResponse,
 )
@@ -115,6 +116,8 @@ class Connection:
     runs: set[str]
     in_flight: int = 0  # commands awaiting the store; drain closes only when this is 0
     closed: bool = False
+    # Runs it held until the platform revoked them: commands naming them are forbidden_run.
+    revoked: set[str] = field(factory=set)
 
 
 class Hub:
@@ -258,7 +261,10 @@ class Hub:
                 # A sub-run rides on its main run's connection: revoking only the sub-run ends
                 # its session there, not the link (4002 tells a runtime not to come back).
                 # Links of a revoked main run are all closed just below.
-                self._let_go(session.revoke(event.now, out), run_id)
+                held_by = session.revoke(event.now, out)
+                self._let_go(held_by, run_id)
+                if (conn := self.connections.get(held_by) if held_by is not None else None):
+                    conn.revoked.add(run_id)
             self.grants.pop(run_id, None)
         for conn_id, conn in list(self.connections.items()):
             if conn.principal in doomed:
@@ -343,6 +349,11 @@ class Hub:
         """The session a command addresses, which this connection must have attached."""
         session = self.sessions.get(run_id) if run_id in conn.runs else None
         if session is None:
+            grant = self.grants.get(run_id)
+            if run_id in conn.revoked or (
+                grant is not None and conn.principal not in (run_id, grant.main_run_id)
+            ):
+                raise Refused(_forbidden_run())  # attaching would not help: not retryable
             raise Refused.because(
                 ErrorCode.NOT_ATTACHED, "this connection has not attached that run; attach first"
             )
@@ -393,9 +404,10 @@ class Hub:
             raise Refused.because(
                 ErrorCode.SESSION_MISMATCH, "sessionId is not mainRunId's session"
             )
-        if not all(session.resumable() for session in sessions):
+        if not all(session.resumable() and session.told for session in sessions):
             # Nothing to resume: the attempt was lost, a sub-run never attached, or its only
-            # session is a fresh attach not granted (its sessionId was never told to the runtime).
+            # session is a fresh attach not granted, or granted with no link left to tell its
+            # sessionId on.
             # Not an error: the protocol's answer is "no", and the runtime attaches afresh.
             out.append(SendReply(event.conn, event.request_id, RecoverConnectionsResponse(False)))
             return
@@ -560,6 +572,10 @@ class Hub:
             else:
                 assert pending.request_id is not None
                 out.append(SendReply(pending.conn, pending.request_id, reply))
+                if isinstance(reply, RuntimeAttachResponse) and (
+                    told := self.sessions.get(pending.run_ids[0])
+                ):
+                    told.told = True  # from now on, a recover may resume it
             if self.draining and conn.in_flight == 0:
                 self._close_for_drain(pending.conn, event.now, out)
         if pending.op in (Op.ATTACH, Op.RECOVER):

@@ -74,6 +74,7 @@ class Session:
         "runtime_instance_id",
         "session_id",
         "state",
+        "told",
     )
 
     def __init__(self, grant: RunGrant, policy: Policy) -> None:
@@ -82,6 +83,10 @@ class Session:
         self.run_id = grant.run_id
         self.state = _S.DETACHED
         self.session_id = ""
+        # Whether an attach reply told a runtime `session_id`. A session granted after its
+        # claimer's link dropped is leased but untold: a re-attach may resume it (its reply says
+        # the id), a recover may not (it names only the main run's id).
+        self.told = False
         self.epoch = -1  # the highest epoch ever claimed for the run; it never goes down
         self.conn: ConnId | None = None
         self.attempt_id: str | None = None
@@ -207,6 +212,7 @@ class Session:
         resumes = trigger is Trigger.REATTACH and self.resumable()
         if not resumes:
             self.session_id = claimant.fresh_session_id
+            self.told = False
             self.attempt_id = claimant.attempt_id
         # The connection that already holds the session, resuming it: what went out on it
         # stays sent (a live connection is sent nothing twice, and may ack all of it).
@@ -403,6 +409,8 @@ class Session:
     def restore(self, record: SessionRecord, now: Millis) -> None:
         """Resume from the store after a gateway restart, with a fresh grace period."""
         self.session_id = record.session_id
+        # A stored ATTACHED session's claim never answered, so no runtime was told its id.
+        self.told = record.state in (_S.LEASED, _S.EXPIRED, _S.RECOVERING)
         self.epoch = record.epoch
         self.attempt_id = record.attempt_id
         self.runtime_instance_id = record.runtime_instance_id

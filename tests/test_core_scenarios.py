@@ -65,6 +65,7 @@ from statemachine.inputs import (
     DrainStarted,
     EpochClaimed,
     OutputsAppended,
+    RunRegistered,
     RunRevoked,
     SessionRestored,
 )
@@ -756,6 +757,46 @@ def test_a_recover_never_resumes_a_sub_run_the_runtime_was_not_granted() -> None
     assert (d.session(SUB).state, d.session(SUB).conn, d.session(SUB).session_id) == (L, 1, told)
     delivery = only(of_type(d.post_inputs(SUB, 1) + d.settle(), DeliverInputs))
     assert delivery.delivery.session_id == told
+
+
+def test_a_recover_never_resumes_a_sub_run_granted_after_its_attach_lost_its_link() -> None:
+    """The claim holds after the link dropped: the sub-run is leased, but no reply told its id.
+
+    Resuming it would lease the run under that id (its deliveries sent under it, the runtime's
+    heartbeats with the id it knows refused); so the recover answers "no", and the runtime
+    attaches the sub-run afresh, as for a claim still in flight.
+    """
+    d = Driver(runs=[grant(MAIN), grant(SUB, MAIN)])
+    d.open(1)
+    sid = d.attach_leased(1, MAIN, epoch=1)
+    d.send(1, attach_cmd(SUB, epoch=1), request_id="sub")
+    d.lose(1)
+    d.settle()
+    assert d.session(SUB).state is L  # granted, though its reply had no link to go out on
+    d.open(2)
+    effects = d.send(2, recover_cmd(sid, MAIN, [SUB], epoch=2), request_id="recover")
+    assert reply_of(effects, RecoverConnectionsResponse, "recover") == RecoverConnectionsResponse(
+        False
+    )
+    effects = d.send(2, attach_cmd(SUB, epoch=2), request_id="again") + d.settle()
+    told = reply_of(effects, RuntimeAttachResponse, "again").session_id
+    delivery = only(of_type(d.post_inputs(SUB, 1) + d.settle(), DeliverInputs))
+    assert delivery.delivery.session_id == told
+
+
+def test_commands_naming_a_revoked_or_foreign_run_are_forbidden_not_not_attached() -> None:
+    """Attaching would not help: `forbidden_run` (final), not `not_attached` (attach, retry)."""
+    d = Driver(runs=[grant(MAIN), grant(SUB, MAIN), grant(OTHER)])
+    d.open(1)
+    d.attach_leased(1, MAIN, epoch=1)
+    sub_sid = d.attach_leased(1, SUB, epoch=1)
+    d.feed(RunRevoked(SUB, d.now))
+    assert error_code(d.send(1, heartbeat_cmd(sub_sid, SUB))) is ErrorCode.FORBIDDEN_RUN
+    assert error_code(d.send(1, config_cmd(sub_sid, SUB))) is ErrorCode.FORBIDDEN_RUN
+    assert error_code(d.send(1, heartbeat_cmd(sub_sid, OTHER))) is ErrorCode.FORBIDDEN_RUN
+    # A run this token may act on, but has not attached here, is still "attach first":
+    d.feed(RunRegistered(grant(SUB2, MAIN)))
+    assert error_code(d.send(1, heartbeat_cmd(sub_sid, SUB2))) is ErrorCode.NOT_ATTACHED
 
 
 def test_recover_of_a_sub_run_names_only_its_main() -> None:
