@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from gateway import logs
-from gateway.config import Settings
+from gateway.config import SettingError, Settings
 from gateway.gcwatch import settle_heap, watch_collections
 from gateway.limits import raise_nofile, session_capacity
 
@@ -49,13 +49,29 @@ HELP = {
 }
 
 
+class BadSetting(Exception):
+    """A flag or environment variable cannot be used (the message names it and its rule)."""
+
+
+class _FromEnv:
+    """A setting's text from its environment variable, so a refusal names the variable."""
+
+    def __init__(self, variable: str, text: str) -> None:
+        self.variable = variable
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"<value of {self.variable}>"  # never the text: it may be the admin token
+
+
 def _env_default(field: attrs.Attribute[Any]) -> Any:
-    raw = os.environ.get(ENV_PREFIX + field.name.upper())
+    variable = ENV_PREFIX + field.name.upper()
+    raw = os.environ.get(variable)
     if raw is None:
         return field.default
     if field.type in (bool, "bool"):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    return raw
+    return _FromEnv(variable, raw)
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -72,23 +88,40 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=default, help=help_text, metavar=field.name.upper())
 
 
+_NUMBERS = {"int": (int, "an integer"), "float": (float, "a number")}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Build Settings from parsed flags, converting each value to its field's type."""
+    """Build Settings from parsed flags, or BadSetting naming the flag or variable to fix."""
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for field in attrs.fields(Settings):
         value = getattr(args, field.name)
-        kind = str(field.type)
+        source = "--" + field.name.replace("_", "-")
+        if isinstance(value, _FromEnv):
+            source, value = value.variable, value.text
+        sources[field.name] = source
+        kind = str(field.type).removeprefix("<class '").removesuffix("'>")
         if value is None or isinstance(value, bool):
             values[field.name] = value
         elif "Path" in kind:
             values[field.name] = Path(value)
-        elif kind in ("int", "<class 'int'>"):
-            values[field.name] = int(value)
-        elif kind in ("float", "<class 'float'>"):
-            values[field.name] = float(value)
+        elif kind in _NUMBERS:
+            convert, what = _NUMBERS[kind]
+            try:
+                values[field.name] = convert(value)
+            except ValueError:
+                raise BadSetting(f"{source} must be {what}, not {value!r}") from None
         else:
             values[field.name] = value
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except SettingError as problem:
+        # The value as the operator wrote it: 10, not 10.0, for a float setting given "10".
+        typed = getattr(args, problem.name)
+        text = typed.text if isinstance(typed, _FromEnv) else typed
+        shown = str(text).strip() if isinstance(problem.value, int | float) else repr(text)
+        raise BadSetting(f"{sources[problem.name]} must be {problem.rule}, not {shown}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,10 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as problem:
             print(f"agent-gateway: {problem}", file=sys.stderr)
             return 2
+        try:
+            settings = settings_from(args)
+        except BadSetting as problem:
+            print(f"agent-gateway: {problem}", file=sys.stderr)
+            return 2
         from gateway.embedded import ConfigurationError
 
         try:
-            trio.run(serve, settings_from(args))
+            trio.run(serve, settings)
         except ConfigurationError as problem:
             print(f"agent-gateway: {problem}", file=sys.stderr)
             return 2

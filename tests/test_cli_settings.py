@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import cli
 from gateway.config import SettingError, Settings
 
 
@@ -33,3 +34,53 @@ def test_settings_refuse_a_value_naming_the_rule_it_breaks(
 @pytest.mark.parametrize("port", [0, 65535])
 def test_both_ends_of_the_port_range_are_accepted(port: int) -> None:
     assert Settings(port=port, control_port=port).port == port
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--port", "abc"], "--port must be an integer, not 'abc'"),
+        (["--port", "70000"], "--port must be an integer from 0 to 65535, not 70000"),
+        (["--control-port", "65537"],
+         "--control-port must be an integer from 0 to 65535, not 65537"),
+        (["--heartbeat-interval-ms", "10"], "--heartbeat-interval-ms must be >= 1000, not 10"),
+        (["--max-frame-bytes", "100"], "--max-frame-bytes must be >= 4096, not 100"),
+        (["--command-rate", "-1"], "--command-rate must be >= 0.001, not -1"),
+        (["--command-burst", "lots"], "--command-burst must be a number, not 'lots'"),
+        (["--send-timeout-s", "nan"], "--send-timeout-s must be a finite number, not nan"),
+        (["--store-sync", "fast"], "--store-sync must be one of full, normal, not 'fast'"),
+    ],
+)
+def test_a_bad_flag_value_stops_the_start_with_one_line_naming_the_flag(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", *flags]) == 2
+    assert capsys.readouterr().err == f"agent-gateway: {says}\n"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("PORT", "abc", "AGENT_GATEWAY_PORT must be an integer, not 'abc'"),
+        ("HEARTBEAT_INTERVAL_MS", "10",
+         "AGENT_GATEWAY_HEARTBEAT_INTERVAL_MS must be >= 1000, not 10"),
+        ("STORE_SYNC", "fast", "AGENT_GATEWAY_STORE_SYNC must be one of full, normal, not 'fast'"),
+    ],
+)
+def test_a_bad_environment_value_is_refused_naming_the_variable(
+    variable: str, value: str, says: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AGENT_GATEWAY_" + variable, value)
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err == f"agent-gateway: {says}\n"
+
+
+def test_a_flag_overrides_its_variable_and_is_the_one_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AGENT_GATEWAY_PORT", "abc")
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == (
+        "agent-gateway: --port must be an integer from 0 to 65535, not 70000\n"
+    )
