@@ -69,8 +69,6 @@ def _env_default(field: attrs.Attribute[Any]) -> Any:
     raw = os.environ.get(variable)
     if raw is None:
         return field.default
-    if field.type in (bool, "bool"):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
     return _FromEnv(variable, raw)
 
 
@@ -89,6 +87,19 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 
 _NUMBERS = {"int": (int, "an integer"), "float": (float, "a number")}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _switch(text: str, source: str) -> bool:
+    # Reading every unknown word as "off" would let AGENT_GATEWAY_MASK_SECRETS=enabled turn
+    # masking off, and secrets would reach the platform's outputs unmasked.
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise BadSetting(
+        f"{source} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, not {text!r}"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -104,6 +115,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kind = str(field.type).removeprefix("<class '").removesuffix("'>")
         if value is None or isinstance(value, bool):
             values[field.name] = value
+        elif kind == "bool":
+            values[field.name] = _switch(value, source)
         elif "Path" in kind:
             values[field.name] = Path(value)
         elif kind in _NUMBERS:

@@ -84,3 +84,41 @@ def test_a_flag_overrides_its_variable_and_is_the_one_named(
     assert capsys.readouterr().err == (
         "agent-gateway: --port must be an integer from 0 to 65535, not 70000\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "on"),
+    [("1", True), ("true", True), (" Yes ", True), ("ON", True),
+     ("0", False), ("False", False), ("no", False), (" off\n", False)],
+)
+def test_a_switch_variable_takes_each_true_and_false_spelling(
+    text: str, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_GATEWAY_MASK_SECRETS", text)
+    monkeypatch.setenv("AGENT_GATEWAY_DEV", text)
+    settings = cli.settings_from(cli.build_parser().parse_args(["serve"]))
+    assert settings.mask_secrets is on and settings.dev is on
+
+
+@pytest.mark.parametrize(("variable", "text"), [("MASK_SECRETS", "enabled"), ("DEV", "")])
+def test_a_switch_variable_with_another_word_is_refused_not_read_as_off(
+    variable: str, text: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "enabled" used to turn masking off: secrets then reached the outputs unmasked.
+    monkeypatch.setenv("AGENT_GATEWAY_" + variable, text)
+    assert cli.main(["serve"]) == 2
+    assert capsys.readouterr().err == (
+        f"agent-gateway: AGENT_GATEWAY_{variable} must be one of 1/true/yes/on"
+        f" or 0/false/no/off, not {text!r}\n"
+    )
+
+
+def test_help_still_works_with_a_bad_switch_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AGENT_GATEWAY_MASK_SECRETS", "enabled")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--help"])
+    assert exited.value.code == 0
+    assert "--mask-secrets" in capsys.readouterr().out
