@@ -16,12 +16,23 @@ CERT_NAME = "dev-cert.pem"
 KEY_NAME = "dev-key.pem"
 
 
+class DevCertificateError(Exception):
+    """The dev certificate in the data directory cannot be read (the message says what to do)."""
+
+
 def ensure_dev_certificate(directory: Path) -> tuple[Path, Path]:
     """Reuse the dev certificate while it is valid for a day more; else make a new one."""
     cert_path, key_path = directory / CERT_NAME, directory / KEY_NAME
     now = datetime.datetime.now(datetime.UTC)
     if cert_path.exists() and key_path.exists():
-        existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        try:
+            existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            # Not replaced silently: the operator may have put it there, or want to know why not.
+            raise DevCertificateError(
+                f"the dev certificate {cert_path} is not a PEM certificate;"
+                " delete it to have a new one made"
+            ) from None
         if existing.not_valid_after_utc > now + datetime.timedelta(days=1):
             return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
