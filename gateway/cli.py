@@ -30,7 +30,7 @@ HELP = {
     "control_host": "address of the platform's control API (keep it on loopback or a private net)",
     "control_port": "port of the control API (0: any free port)",
     "tls_cert": "PEM certificate chain for the runtime endpoint",
-    "tls_key": "PEM private key for the runtime endpoint",
+    "tls_key": "PEM private key for the runtime endpoint, unencrypted (no passphrase)",
     "dev": "development mode: self-signed localhost certificate and a generated admin token",
     "admin_token": "bearer token of the control API (better given as the environment variable)",
     "heartbeat_interval_ms": "heartbeat interval granted to runtimes (>= 1000)",

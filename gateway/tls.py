@@ -20,11 +20,28 @@ class TlsError(Exception):
     """The certificate or key cannot be loaded (the message names the files, never their text)."""
 
 
+class _KeyIsEncrypted(Exception):
+    pass
+
+
+def _refuse_passphrase() -> bytes:
+    # Without a password callback OpenSSL asks for the passphrase on the terminal, which blocks
+    # the event loop (a SIGHUP reload hung the whole gateway, SIGTERM included); raising makes
+    # load_cert_chain fail at once with this exception instead.
+    raise _KeyIsEncrypted
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context holding this certificate chain and key, or TlsError saying why not."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _KeyIsEncrypted:
+        raise TlsError(
+            f"cannot use certificate {cert} with key {key}: the key is encrypted"
+            " (passphrase-protected) and the gateway takes no passphrase; give it an"
+            " unencrypted key (e.g. openssl pkey -in KEY -out PLAIN_KEY)"
+        ) from None
     except ssl.SSLError as problem:
         # OpenSSL's reason (KEY_VALUES_MISMATCH) says what is wrong, never what the files hold;
         # unparsable PEM comes without one.

@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,7 +147,26 @@ def _missing_key(ca: CertificateAuthority) -> None:
     ca.key.unlink()
 
 
-@pytest.mark.parametrize("damage", [_mismatched_key, _garbage_certificate, _missing_key])
+PASSPHRASE = b"key-passphrase-0123"
+
+
+def _encrypt_key(
+    ca: CertificateAuthority,
+    form: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+) -> None:
+    key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
+    ca.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, form,
+                                         serialization.BestAvailableEncryption(PASSPHRASE)))
+
+
+def _encrypted_key(ca: CertificateAuthority) -> None:
+    rotate(ca, "rotated")
+    _encrypt_key(ca)
+
+
+@pytest.mark.parametrize(
+    "damage", [_mismatched_key, _garbage_certificate, _missing_key, _encrypted_key]
+)
 async def test_a_failed_reload_keeps_the_previous_certificate_and_says_why(
     tmp_path: Path, damage: Callable[[CertificateAuthority], None]
 ) -> None:
@@ -175,6 +197,72 @@ async def test_a_certificate_that_cannot_be_used_stops_the_start_with_a_clear_er
     with pytest.raises(ConfigurationError, match=refused):
         async with open_gateway(settings_for(tmp_path, ca)):
             pass  # pragma: no cover - the start must fail
+
+
+def encrypted_key_refusal(ca: CertificateAuthority) -> str:
+    """What the gateway says about an encrypted key."""
+    return (
+        f"cannot use certificate {ca.cert} with key {ca.key}: the key is encrypted"
+        " (passphrase-protected) and the gateway takes no passphrase; give it an"
+        " unencrypted key (e.g. openssl pkey -in KEY -out PLAIN_KEY)"
+    )
+
+
+# Reports what server_context says, from a process with no controlling terminal whose stdin stays
+# open and silent: OpenSSL, asked to prompt for a passphrase, sat reading it (at a terminal, it
+# prompted there), and a SIGHUP reload blocked the whole event loop.
+PROBE = """
+import sys
+from pathlib import Path
+from gateway.tls import TlsError, server_context
+try:
+    server_context(Path(sys.argv[1]), Path(sys.argv[2]))
+except TlsError as problem:
+    print(problem)
+"""
+
+
+@pytest.mark.parametrize(
+    "form", [serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL]
+)
+def test_an_encrypted_key_is_refused_at_once_never_asking_for_its_passphrase(
+    tmp_path: Path, form: serialization.PrivateFormat
+) -> None:
+    ca = CertificateAuthority(tmp_path)
+    _encrypt_key(ca, form)
+    silent, held_open = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(ca.cert), str(ca.key)],
+            stdin=silent, capture_output=True, text=True, timeout=30, check=False,
+            start_new_session=True,
+        )
+    finally:
+        os.close(silent)
+        os.close(held_open)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == encrypted_key_refusal(ca) + "\n"
+    assert "pass phrase" not in done.stderr.lower()
+
+
+async def test_an_encrypted_key_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    _encrypt_key(ca)
+    with pytest.raises(ConfigurationError) as refused:
+        async with open_gateway(settings_for(tmp_path, ca)):
+            pass  # pragma: no cover - the start must fail
+    assert str(refused.value) == encrypted_key_refusal(ca)
+
+
+def test_a_reload_onto_an_encrypted_key_keeps_the_served_certificate(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    tls = gateway.tls.ReloadableTls(ca.cert, ca.key)
+    served, expiry = tls.current, tls.expires_at
+    _encrypted_key(ca)
+    with pytest.raises(gateway.tls.TlsError) as refused:
+        tls.reload()
+    assert str(refused.value) == encrypted_key_refusal(ca)
+    assert tls.current is served and tls.expires_at == expiry
 
 
 def test_expiry_warnings_start_two_weeks_before_and_go_on_after() -> None:
