@@ -124,6 +124,11 @@ async def _listen(nursery: trio.Nursery, where: str, serve: Callable[..., Awaita
         raise ConfigurationError(f"cannot {where}: {reason}") from None
 
 
+def _url_host(host: str) -> str:
+    # A bare IPv6 address runs into the port: http://::1:8080 is no URL, http://[::1]:8080 is.
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def _admin_token(settings: Settings) -> str:
     if settings.admin_token:
         return settings.admin_token
@@ -184,13 +189,13 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
                 host = (
                     "localhost"
                     if settings.host in ("127.0.0.1", "::1", "localhost")
-                    else settings.host
+                    else _url_host(settings.host)
                 )
                 try:
                     yield RunningGateway(
                         service=gateway,
                         runtime_url=f"wss://{host}:{server.port}/runtime",
-                        control_url=f"http://{settings.control_host}:{control_port}",
+                        control_url=f"http://{_url_host(settings.control_host)}:{control_port}",
                         admin_token=admin_token,
                         cert_path=cert_path,
                         client_ssl_context=client_tls,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -724,3 +725,15 @@ async def test_the_sessions_gauge_counts_new_and_restored_sessions(tmp_path: Pat
         await trio.sleep(1.5)  # the restored leases run out
         counts = await sessions_by_state(h)
         assert counts["expired"] == 4 and counts["leased"] == 0, counts
+
+
+async def test_ipv6_hosts_are_bracketed_in_the_urls_given_out(tmp_path: Path) -> None:
+    async with gateway_for_test(tmp_path, host="::", control_host="::1") as h:
+        runtime, control = urlsplit(h.running.runtime_url), urlsplit(h.running.control_url)
+        assert (runtime.hostname, control.hostname) == ("::", "::1")
+        assert h.running.runtime_url == f"wss://[::]:{runtime.port}/runtime"
+        assert h.running.control_url == f"http://[::1]:{control.port}"
+        # Both URLs lead where the gateway listens (the harness's client uses the control URL).
+        assert (await h.http.get("/healthz")).status_code == 200
+        assert runtime.port is not None
+        await (await trio.open_tcp_stream("::1", runtime.port)).aclose()
