@@ -320,32 +320,34 @@ def _new_inputs(body: Any, now: Millis, max_event_bytes: int) -> list[NewInput]:
     return inputs
 
 
-def _query(request: Request, name: str, syntax: re.Pattern[str]) -> str | None:
+def _query(request: Request, name: str, syntax: re.Pattern[str], rule: str) -> str | None:
+    """The parameter's one value if it is written as `syntax` allows, else a 422 naming `rule`."""
     values = request.query_params.getlist(name)
     if not values:
         return None
     if len(values) > 1:
         raise Problem(422, "invalid-request", f"query parameter `{name}` is given more than once")
     if len(values[0]) > 64 or not syntax.fullmatch(values[0]):
-        raise Problem(422, "invalid-request", f"query parameter `{name}` must be a number")
+        # The rule the value is checked against next, so every refusal of it reads the same.
+        raise Problem(422, "invalid-request", f"query parameter `{name}` must be {rule}")
     return values[0]
 
 
 def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    text = _query(request, name, _INTEGER)
+    rule = f"an integer from {low} to {high}"
+    text = _query(request, name, _INTEGER, rule)
     value = default if text is None else int(text)
     if not low <= value <= high:
-        raise Problem(422, "invalid-request",
-                      f"query parameter `{name}` must be an integer from {low} to {high}")
+        raise Problem(422, "invalid-request", f"query parameter `{name}` must be {rule}")
     return value
 
 
 def _query_seconds(request: Request, name: str, high: float) -> float:
-    text = _query(request, name, _NUMBER)
+    rule = f"a number from 0 to {high:g}"
+    text = _query(request, name, _NUMBER, rule)
     value = 0.0 if text is None else float(text)
     if not 0 <= value <= high:  # also false for NaN, which the syntax cannot produce anyway
-        raise Problem(422, "invalid-request",
-                      f"query parameter `{name}` must be a number from 0 to {high:g}")
+        raise Problem(422, "invalid-request", f"query parameter `{name}` must be {rule}")
     return value
 
 

@@ -1054,15 +1054,25 @@ async def test_long_poll_times_out_empty(env: Env) -> None:
     assert conforms(response, OUTPUTS) == {"events": [], "next": 7}
 
 
-@pytest.mark.parametrize("query", [
-    "after=-2", "after=x", "after=1.5", "after=", "after=9007199254740992", "after=1&after=2",
-    "limit=0", "limit=1001", "limit=-1", "limit=ten",
-    "wait=-1", "wait=60.5", "wait=nan", "wait=inf", "wait=1e9", "wait=0x10", "wait=",
+AFTER_RULE = "query parameter `after` must be an integer from -1 to 9007199254740991"
+LIMIT_RULE = "query parameter `limit` must be an integer from 1 to 1000"
+WAIT_RULE = "query parameter `wait` must be a number from 0 to 60"
+
+
+@pytest.mark.parametrize(("query", "detail"), [
+    *[(f"after={value}", AFTER_RULE)
+      for value in ["-2", "x", "1.5", "", "9007199254740992", "+5", "1e3", " 1"]],
+    ("after=1&after=2", "query parameter `after` is given more than once"),
+    *[(f"limit={value}", LIMIT_RULE) for value in ["0", "1001", "-1", "ten", "+5", "5.0"]],
+    *[(f"wait={value}", WAIT_RULE)
+      for value in ["-1", "60.5", "nan", "inf", "1e9", "0x10", "", "+1"]],
 ])
-async def test_outputs_refuse_bad_query_parameters(env: Env, query: str) -> None:
+async def test_outputs_refuse_bad_query_parameters_naming_the_rule(
+    env: Env, query: str, detail: str
+) -> None:
     run_id, _ = await env.create_run()
     response = await env.http.get(f"/v1/runs/{run_id}/outputs?{query}")
-    problem(response, 422, "invalid-request", OUTPUTS)
+    assert problem(response, 422, "invalid-request", OUTPUTS)["detail"] == detail
 
 
 @pytest.mark.parametrize("query", ["wait=0.01", "wait=1e-3", "wait=-0.0", "after=-1&limit=1000"])
