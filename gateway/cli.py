@@ -200,31 +200,32 @@ async def serve(settings: Settings) -> None:
     print("agent-gateway: stopped", flush=True)
 
 
+def _refused(problem: Exception) -> int:
+    print(f"agent-gateway: {problem}", file=sys.stderr)
+    return 2  # a usage error, as argparse's own refusals
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `agent-gateway` console script."""
     args = build_parser().parse_args(argv)
+    from gateway.embedded import ConfigurationError
+
     if args.command == "serve":
         try:
             logs.configure(args.log_level, args.log_format)
         except ValueError as problem:
-            print(f"agent-gateway: {problem}", file=sys.stderr)
-            return 2
+            return _refused(problem)
         try:
-            settings = settings_from(args)
-        except BadSetting as problem:
-            print(f"agent-gateway: {problem}", file=sys.stderr)
-            return 2
-        from gateway.embedded import ConfigurationError
-
-        try:
-            trio.run(serve, settings)
-        except ConfigurationError as problem:
-            print(f"agent-gateway: {problem}", file=sys.stderr)
-            return 2
+            trio.run(serve, settings_from(args))
+        except (BadSetting, ConfigurationError) as problem:
+            return _refused(problem)
         return 0
     from gateway.demo import run_demo
 
-    return trio.run(run_demo, args.data_dir)
+    try:
+        return trio.run(run_demo, args.data_dir)
+    except ConfigurationError as problem:
+        return _refused(problem)
 
 
 if __name__ == "__main__":
