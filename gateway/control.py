@@ -649,11 +649,22 @@ async def serve_control(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the control API until cancelled; `task_status` gets the bound port (for port 0)."""
+    """Serve the control API until the gateway has drained; `task_status` gets the bound port.
+
+    Then it stops taking requests and finishes the ones in flight (within Hypercorn's graceful
+    timeout), so answers given during the drain (long polls, 503 from /healthz) reach the
+    platform instead of being cut off; `gateway.control_stopped` is set once it has.
+    """
     # Starlette's ASGI types are looser than Hypercorn's; the protocol is the same.
     app = cast(ASGIFramework, build_app(gateway, admin_token))
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(serve, app, hypercorn_config(settings)))
-        port = urlsplit(binds[0]).port
-        assert port is not None, "hypercorn reports every bind as scheme://host:port"
-        task_status.started(port)
+    config = hypercorn_config(settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(serve, app, config, shutdown_trigger=gateway.drained.wait)
+            )
+            port = urlsplit(binds[0]).port
+            assert port is not None, "hypercorn reports every bind as scheme://host:port"
+            task_status.started(port)
+    finally:
+        gateway.control_stopped.set()

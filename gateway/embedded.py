@@ -30,6 +30,10 @@ from gateway.tls import ReloadableTls, TlsError, expiry_warning
 
 log = logging.getLogger("agent_gateway.tls")
 
+CONTROL_STOP_S = 5.0
+"""How long the control API may take, after a drain, to answer the requests in flight
+(Hypercorn's graceful timeout, 3 s, bounds it first)."""
+
 
 class ConfigurationError(Exception):
     """The settings cannot make a working gateway (the message says which one to fix)."""
@@ -202,6 +206,8 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
                         tls=server_tls,
                     )
                     await gateway.drain()
+                    with trio.move_on_after(CONTROL_STOP_S):
+                        await gateway.control_stopped.wait()
                 finally:
                     nursery.cancel_scope.cancel()
     if refused is not None:

@@ -139,6 +139,8 @@ class Gateway:
         self._output_polls: Counter[str] = Counter()  # long polls in progress, by run
         self._no_links = trio.Event()
         self._no_links.set()
+        self.drained = trio.Event()  # the drain is over: the control API may stop
+        self.control_stopped = trio.Event()  # it has, with the requests in flight answered
         # Frames this long or shorter are within `max_frame_bytes` whatever their characters.
         self._short_frame = settings.max_frame_bytes // 4
         self._hard_frame = settings.hard_frame_bytes
@@ -171,6 +173,7 @@ class Gateway:
             await self._no_links.wait()
         for link in list(self.links.values()):
             link.abort(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
+        self.drained.set()
 
     # --- the core loop --------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ def test_settings_refuse_a_value_naming_the_rule_it_breaks(
     setting: str, value: object, says: str
 ) -> None:
     with pytest.raises(SettingError) as refused:
-        Settings(**{setting: value})
+        Settings(**{setting: value})  # type: ignore[arg-type]
     assert str(refused.value) == says
     assert refused.value.name == setting
 

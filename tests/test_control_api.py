@@ -927,11 +927,14 @@ async def test_a_drain_answers_long_polls_in_flight(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(poll)
             await parked.wait()
-            await env.gateway.drain()
-    assert conforms(got[0], OUTPUTS) == {"events": [], "next": -1}
-    # A poll that comes during the drain does not wait either.
-    late = await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60})
-    assert conforms(late, OUTPUTS) == {"events": [], "next": -1}
+            held = env.gateway._no_links = trio.Event()  # a runtime is still being waited for
+            nursery.start_soon(env.gateway.drain)
+            while not got:
+                await trio.sleep(0.01)
+            # A poll that comes during the drain does not wait either.
+            got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60}))
+            held.set()
+    assert [conforms(answer, OUTPUTS) for answer in got] == [{"events": [], "next": -1}] * 2
 
 
 async def test_a_long_poll_sees_an_output_stored_while_its_read_was_answered(
@@ -1143,10 +1146,14 @@ async def test_delete_revokes_the_run_and_closes_its_runtime(env: Env) -> None:
 # --- /healthz and /metrics ----------------------------------------------------------------------
 
 
-async def test_healthz_says_draining_once_the_gateway_drains(env: Env) -> None:
+async def test_healthz_says_draining_while_the_gateway_drains(env: Env) -> None:
     assert conforms(await env.http.get("/healthz"), "/healthz") == {"status": "ok"}
-    await env.gateway.drain()
-    response = await env.http.get("/healthz")
+    async with trio.open_nursery() as nursery:
+        held = env.gateway._no_links = trio.Event()  # a runtime is still being waited for
+        nursery.start_soon(env.gateway.drain)
+        await trio.sleep(0)
+        response = await env.http.get("/healthz")
+        held.set()
     assert response.status_code == 503
     assert conforms(response, "/healthz") == {"status": "draining"}
 
