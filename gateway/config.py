@@ -64,6 +64,11 @@ def _one_of(*choices: str) -> Validator:
 _PORT = _within(f"an integer from 0 to {MAX_PORT}", lambda value: 0 <= value <= MAX_PORT)
 
 
+def url_host(host: str) -> str:
+    """A host as a URL or bind address writes it: a bare IPv6 address would run into the port."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 @frozen
 class Settings:
     """Everything `agent-gateway serve` can be told."""

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import strictjson
 from gateway.codec import CONVERTER, MAX_DEPTH, format_millis
-from gateway.config import Settings
+from gateway.config import Settings, url_host
 from gateway.service import Gateway, SessionView
 from gateway.store.base import InputConflict, NewInput, RunExists, StoreError, UnknownRun
 from statemachine.messages import Capability, Millis, OutputEvent
@@ -632,10 +632,7 @@ def build_app(gateway: Gateway, admin_token: str) -> Starlette:
 def hypercorn_config(settings: Settings) -> Config:
     """Hypercorn's settings for the control API: its bind address, and logs into ours."""
     config = Config()
-    host = settings.control_host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    config.bind = [f"{host}:{settings.control_port}"]
+    config.bind = [f"{url_host(settings.control_host)}:{settings.control_port}"]
     config.accesslog = None
     config.errorlog = log
     config.include_server_header = False

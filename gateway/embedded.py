@@ -19,7 +19,7 @@ from typing import Any
 import trio
 from attrs import frozen
 
-from gateway.config import Settings
+from gateway.config import Settings, url_host
 from gateway.control import serve_control
 from gateway.devcert import DevCertificateError, ensure_dev_certificate
 from gateway.server import serve_runtime
@@ -128,11 +128,6 @@ async def _listen(nursery: trio.Nursery, where: str, serve: Callable[..., Awaita
         raise ConfigurationError(f"cannot {where}: {reason}") from None
 
 
-def _url_host(host: str) -> str:
-    # A bare IPv6 address runs into the port: http://::1:8080 is no URL, http://[::1]:8080 is.
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def _admin_token(settings: Settings) -> str:
     if settings.admin_token:
         return settings.admin_token
@@ -193,13 +188,13 @@ async def open_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
                 host = (
                     "localhost"
                     if settings.host in ("127.0.0.1", "::1", "localhost")
-                    else _url_host(settings.host)
+                    else url_host(settings.host)
                 )
                 try:
                     yield RunningGateway(
                         service=gateway,
                         runtime_url=f"wss://{host}:{server.port}/runtime",
-                        control_url=f"http://{_url_host(settings.control_host)}:{control_port}",
+                        control_url=f"http://{url_host(settings.control_host)}:{control_port}",
                         admin_token=admin_token,
                         cert_path=cert_path,
                         client_ssl_context=client_tls,
