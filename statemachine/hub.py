@@ -595,7 +595,7 @@ class Hub:
             return ErrorPayload.of(
                 ErrorCode.SEQ_CONFLICT,
                 "a seq in the batch is stored with another eventId; the log's next seq is "
-                f"{answer.expected_seq} (see nextOutputSeq in the attach reply)",
+                f"{answer.expected_seq} (an attach with replyExtensions says it: nextOutputSeq)",
             )
         return ErrorPayload.of(
             ErrorCode.SEQ_GAP,

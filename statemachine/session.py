@@ -61,6 +61,7 @@ class Session:
         "epoch",
         "grant",
         "input_acked",
+        "input_delivered",
         "input_last",
         "input_reading",
         "input_resumed",
@@ -99,9 +100,10 @@ class Session:
         self.input_acked = -1  # inputs up to here are acknowledged (durably)
         self.input_last = -1  # inputs up to here are queued in the store
         self.input_sent = -1  # inputs up to here went out on the current connection
-        # Inputs up to here were queued before the current connection resumed the session, so an
-        # earlier connection may have been sent them: the runtime may ack them before they are
-        # sent again (it processed them before the drop).
+        self.input_delivered = -1  # inputs up to here went out on some connection of this session
+        # Inputs up to here went out on an earlier connection before the current one resumed the
+        # session: the runtime may ack them before they are sent again (it processed them before
+        # the drop). Inputs queued since, or while no connection existed, it has not seen.
         self.input_resumed = -1
         self.resuming = False  # the claim in flight resumes the session (re-attach, recover)
         self.input_reading: int | None = None  # the store read of inputs in flight, if any
@@ -213,6 +215,7 @@ class Session:
         if not resumes:
             self.session_id = claimant.fresh_session_id
             self.told = False
+            self.input_delivered = -1  # what went to the session before is not this one's
             self.attempt_id = claimant.attempt_id
         # The connection that already holds the session, resuming it: what went out on it
         # stays sent (a live connection is sent nothing twice, and may ack all of it).
@@ -264,7 +267,7 @@ class Session:
         self.input_last = max(self.input_last, claim.input_last_seq.get(self.run_id, -1))
         # Redeliver whatever was not acknowledged, unless this very connection was sent it.
         self.input_sent = max(self.input_sent, self.input_acked)
-        self.input_resumed = self.input_last if self.resuming else -1
+        self.input_resumed = self.input_delivered if self.resuming else -1
         self._arm(out)
         return True
 
@@ -375,6 +378,7 @@ class Session:
         if not fresh:
             return
         self.input_sent = fresh[-1].seq
+        self.input_delivered = max(self.input_delivered, self.input_sent)
         self.input_last = max(self.input_last, self.input_sent)
         delivery = TaskInputDelivery(self.session_id, self.run_id, fresh)
         out.append(DeliverInputs(conn, delivery_id(self.run_id, fresh[0].seq), delivery))
@@ -409,8 +413,9 @@ class Session:
     def restore(self, record: SessionRecord, now: Millis) -> None:
         """Resume from the store after a gateway restart, with a fresh grace period."""
         self.session_id = record.session_id
-        # A stored ATTACHED session's claim never answered, so no runtime was told its id.
-        self.told = record.state in (_S.LEASED, _S.EXPIRED, _S.RECOVERING)
+        # The store cannot say: a granted fresh attach is stored as its claim left it (ATTACHED),
+        # told or not. Taken as told, so a runtime that was told can recover after a restart.
+        self.told = True
         self.epoch = record.epoch
         self.attempt_id = record.attempt_id
         self.runtime_instance_id = record.runtime_instance_id

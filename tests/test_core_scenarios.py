@@ -386,6 +386,36 @@ def test_inputs_processed_before_a_drop_may_be_acked_before_they_are_sent_again(
     assert sent == [3]
 
 
+def test_inputs_queued_while_no_link_existed_may_not_be_acked_unseen_after_a_resume() -> None:
+    """Only what an earlier connection was sent counts as delivered, not all that was queued."""
+    d, sid = leased(epoch=1)
+    d.post_inputs(MAIN, 3)
+    d.settle()  # 0-2 delivered on link 1
+    d.lose(1)
+    d.post_inputs(MAIN, 3)  # 3-5 queued while no link exists: never sent anywhere
+    d.open(2)
+    d.send(2, attach_cmd(MAIN, epoch=2, reconnect=True), request_id="re")
+    d.answer_from_store(d.ticket_of(ClaimEpoch))  # granted; the redelivery's read in flight
+    effects = d.send(2, ack_cmd(sid, MAIN, 5), request_id="ack") + d.settle()
+    assert error_of(effects, "ack").code is ErrorCode.SEQ_GAP
+    sent = [e.seq for x in of_type(effects, DeliverInputs) for e in x.delivery.events]
+    assert sent == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_session_restored_from_its_claim_record_may_be_recovered() -> None:
+    """The store keeps a granted fresh attach as its claim left it (ATTACHED), told or not."""
+    d = Driver(runs=[grant(MAIN)])
+    d.open(1)
+    d.send(1, attach_cmd(MAIN, epoch=1), request_id="a")
+    stored = only(of_type(d.log, ClaimEpoch)).claims[0].record  # what the store keeps
+    sid = reply_of(d.settle(), RuntimeAttachResponse, "a").session_id
+    after = Driver(runs=[grant(MAIN)])  # the gateway restarted
+    after.feed(SessionRestored(stored, after.now))
+    after.open(2)
+    effects = after.send(2, recover_cmd(sid, MAIN, epoch=2), request_id="rec") + after.settle()
+    assert reply_of(effects, RecoverConnectionsResponse, "rec") == RecoverConnectionsResponse(True)
+
+
 def test_a_new_session_may_not_ack_inputs_it_was_never_sent() -> None:
     d = Driver(runs=[grant(MAIN)])
     d.post_inputs(MAIN, 2)
