@@ -772,3 +772,19 @@ async def test_a_long_poll_in_flight_when_the_gateway_stops_is_answered(tmp_path
                 await trio.sleep(0.01)
     assert got[0].status_code == 200
     assert got[0].json() == {"events": [], "next": -1}
+
+
+async def test_a_session_attached_before_a_restart_can_be_recovered_after_it(
+    tmp_path: Path,
+) -> None:
+    """With the real store: what it keeps of a granted attach lets the session be resumed."""
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run()
+        async with h.wire(token) as wire:
+            ids = await attached(h, wire, run_id)
+            assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+    async with gateway_for_test(tmp_path) as h, h.wire(token) as wire:  # the same data dir
+        command = {"sessionId": ids["sessionId"], "mainRunId": run_id, "connectionEpoch": 1}
+        recovered = await wire.call(RECOVER, command)
+        assert recovered["payload"] == {"accepted": True}
+        assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
