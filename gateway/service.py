@@ -166,14 +166,14 @@ class Gateway:
     async def drain(self) -> None:
         """Stop taking work, answer what is in flight, and tell runtimes to come back elsewhere."""
         self.draining = True
-        for changed in self._outputs_changed.values():
-            changed.set()  # long polls answer now, while the control API still serves them
         await self.feed(DrainStarted(self.clock.now()))
         with trio.move_on_after(self.settings.drain_timeout_s):
             await self._no_links.wait()
         for link in list(self.links.values()):
             link.abort(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
         self.drained.set()
+        for changed in self._outputs_changed.values():
+            changed.set()  # long polls answer now, while the control API still serves them
 
     # --- the core loop --------------------------------------------------------------------------
 
@@ -562,7 +562,8 @@ class Gateway:
                 # back sets this event, and the next turn reads again instead of sleeping on.
                 changed = self._outputs_changed.setdefault(run_id, trio.Event())
                 events = await self.store.read_outputs(run_id, after, limit)
-                if events or self.draining or trio.current_time() >= deadline:
+                # Not on `draining`: a platform polling in a loop would spin through the drain.
+                if events or self.drained.is_set() or trio.current_time() >= deadline:
                     return events
                 with trio.move_on_at(deadline):
                     await changed.wait()
