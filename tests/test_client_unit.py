@@ -746,15 +746,21 @@ async def test_time_connected_does_not_count_toward_give_up_after() -> None:
 # --- answers that say "not accepted" -----------------------------------------------------------
 
 
+def not_accepted(fake: FakeGateway, channel: Channel, reply: Any, *, first_only: bool) -> None:
+    """Have the fake answer commands on `channel` with `reply` (an `accepted: false` one)."""
+
+    async def refuse(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
+        if decoded.channel is channel and (not first_only or len(fake.commands(channel)) == 1):
+            await fake.reply(conn, decoded.request_id, reply)
+            return True
+        return False
+
+    fake.react = refuse
+
+
 async def test_a_publish_not_accepted_is_sent_again() -> None:
     async with fake_gateway() as fake:
-        async def refuse_once(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
-            if decoded.channel is Channel.OUTPUT and len(fake.commands(Channel.OUTPUT)) == 1:
-                await fake.reply(conn, decoded.request_id, PublishOutputEventsResponse(False))
-                return True
-            return False
-
-        fake.react = refuse_once
+        not_accepted(fake, Channel.OUTPUT, PublishOutputEventsResponse(False), first_only=True)
         async with session(fake) as s:
             assert await s.publish([("log.line", {})]) == [0]
     first, second = fake.commands(Channel.OUTPUT)
@@ -764,13 +770,7 @@ async def test_a_publish_not_accepted_is_sent_again() -> None:
 
 async def test_a_kv_write_not_accepted_raises() -> None:
     async with fake_gateway() as fake:
-        async def refuse(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
-            if decoded.channel is Channel.KV_SET:
-                await fake.reply(conn, decoded.request_id, SetKVResponse(False))
-                return True
-            return False
-
-        fake.react = refuse
+        not_accepted(fake, Channel.KV_SET, SetKVResponse(False), first_only=False)
         async with session(fake, capabilities=["kv.write"]) as s:
             with pytest.raises(GatewayError) as caught:
                 await s.kv_set({"a": "1"})
@@ -782,14 +782,7 @@ async def test_a_kv_write_not_accepted_raises() -> None:
 async def test_an_ack_not_accepted_is_sent_again_later() -> None:
     async with fake_gateway() as fake:
         fake.inputs = [input_event(0), input_event(1)]
-
-        async def refuse_first_ack(conn: int, ws: WebSocketConnection, decoded: Decoded) -> bool:
-            if decoded.channel is Channel.INPUT_ACK and len(fake.commands(Channel.INPUT_ACK)) == 1:
-                await fake.reply(conn, decoded.request_id, AckInputResponse(False))
-                return True
-            return False
-
-        fake.react = refuse_first_ack
+        not_accepted(fake, Channel.INPUT_ACK, AckInputResponse(False), first_only=True)
         async with session(fake) as s:
             iterator = s.inputs()
             await iterator.__anext__()

@@ -874,34 +874,43 @@ async def test_a_page_stops_at_its_byte_budget(env: Env, monkeypatch: pytest.Mon
     assert [e["seq"] for e in page["events"]] == [2] and page["next"] == 2  # never empty
 
 
+class LongPolls:
+    """60-second long polls of one run's outputs, and an event set once a poll found nothing."""
+
+    def __init__(self, env: Env, run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.env, self.run_id = env, run_id
+        self.parked = trio.Event()  # a poll found nothing and now waits for a store
+        self.got: list[httpx.Response] = []
+        read_outputs = env.gateway.store.read_outputs
+
+        async def spy(run: str, after: int, limit: int) -> Any:
+            events = await read_outputs(run, after, limit)
+            if not events:
+                self.parked.set()
+            return events
+
+        monkeypatch.setattr(env.gateway.store, "read_outputs", spy)
+
+    async def poll(self) -> None:
+        """One poll; its answer goes to `got`."""
+        url = f"/v1/runs/{self.run_id}/outputs"
+        self.got.append(await self.env.http.get(url, params={"wait": 60}))
+
+
 async def test_long_poll_returns_as_soon_as_an_output_is_stored(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_id, token = await env.create_run()
-    parked = trio.Event()
-    read_outputs = env.gateway.store.read_outputs
-
-    async def spy(run: str, after: int, limit: int) -> Any:
-        events = await read_outputs(run, after, limit)
-        if not events:
-            parked.set()  # the poll found nothing and now waits for a store
-        return events
-
-    monkeypatch.setattr(env.gateway.store, "read_outputs", spy)
-    got: list[httpx.Response] = []
-
-    async def poll() -> None:
-        got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60}))
-
+    polls = LongPolls(env, run_id, monkeypatch)
     async with env.runtime(token) as wire:
         ids = await attach(wire, run_id)
         # Far less than the poll's own 60 s: only the wake-up can end it in time.
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(poll)
-                await parked.wait()
+                nursery.start_soon(polls.poll)
+                await polls.parked.wait()
                 await publish(wire, ids, output(0))
-    assert conforms(got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
+    assert conforms(polls.got[0], OUTPUTS) == {"events": [output(0)], "next": 0}
 
 
 async def test_a_drain_answers_long_polls_in_flight(
@@ -909,31 +918,19 @@ async def test_a_drain_answers_long_polls_in_flight(
 ) -> None:
     """Answered when the drain ends, before the control API stops, not dropped unanswered."""
     run_id, _ = await env.create_run()
-    parked = trio.Event()
-    read_outputs = env.gateway.store.read_outputs
-
-    async def spy(run: str, after: int, limit: int) -> Any:
-        events = await read_outputs(run, after, limit)
-        parked.set()
-        return events
-
-    monkeypatch.setattr(env.gateway.store, "read_outputs", spy)
-    got: list[httpx.Response] = []
-
-    async def poll() -> None:
-        got.append(await env.http.get(f"/v1/runs/{run_id}/outputs", params={"wait": 60}))
-
+    polls = LongPolls(env, run_id, monkeypatch)
     with trio.fail_after(30):  # far less than the poll's own 60 s
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(poll)
-            await parked.wait()
+            nursery.start_soon(polls.poll)
+            await polls.parked.wait()
             held = env.gateway._no_links = trio.Event()  # a runtime is still being waited for
             nursery.start_soon(env.gateway.drain)
-            nursery.start_soon(poll)  # one that comes during the drain
+            nursery.start_soon(polls.poll)  # one that comes during the drain
             await trio.sleep(0.3)
-            assert got == []  # polls wait out the drain (answering at once, a loop would spin)
+            assert polls.got == []  # they wait out the drain (answering at once, loops spin)
             held.set()
-    assert [conforms(answer, OUTPUTS) for answer in got] == [{"events": [], "next": -1}] * 2
+    answers = [conforms(answer, OUTPUTS) for answer in polls.got]
+    assert answers == [{"events": [], "next": -1}] * 2
 
 
 async def test_a_long_poll_sees_an_output_stored_while_its_read_was_answered(
