@@ -460,10 +460,15 @@ class Gateway:
         command = decoded.command
         fresh = ""
         try:
+            # Runs are looked up only for a command the core will not refuse for the connection's
+            # rate: a flood of attaches naming made-up runs must not become a flood of reads.
             if isinstance(command, RuntimeAttachRequest):
                 fresh = "ses_" + secrets.token_hex(16)
-                await self._know_runs((command.run_id,))
-            elif isinstance(command, RecoverConnectionsCommand):
+                if self.hub.admits(link.conn_id, self.clock.now()):
+                    await self._know_runs((command.run_id,))
+            elif isinstance(command, RecoverConnectionsCommand) and self.hub.admits(
+                link.conn_id, self.clock.now()
+            ):
                 await self._know_runs((command.main_run_id, *command.sub_run_ids))
         except StoreError as failure:
             # Not `unknown_run`: the run may well exist, the store could not say. Retryable.
@@ -482,17 +487,19 @@ class Gateway:
         """Load grants the core lacks (a run created through another gateway of the fleet).
 
         A store failure is raised, never taken for "no such run": callers answer it retryably.
+        The first run the store does not have ends the lookups: a command naming it is refused
+        whole (`forbidden_run`), and a recover may name 256 runs.
         """
-        for run_id in run_ids:
+        for run_id in dict.fromkeys(run_ids):
             if not self.hub.knows_run(run_id):
                 grant = await self.store.get_run(run_id)
                 if grant is None:
-                    continue
+                    return
                 main = grant.main_run_id
                 if main is not None and not self.hub.knows_run(main):
                     # Its main run first: the sub-run's outputs are masked with its secrets too.
                     if (main_grant := await self.store.get_run(main)) is None:
-                        continue  # revoked meanwhile, and the sub-run with it
+                        return  # revoked meanwhile, and the sub-run with it
                     self.hub.handle(RunRegistered(main_grant))
                 self.hub.handle(RunRegistered(grant))
 

@@ -324,6 +324,18 @@ class Hub:
         except Refused as refused:
             out.append(SendError(event.conn, event.request_id, refused.error))
 
+    def admits(self, conn_id: ConnId, now: Millis) -> bool:
+        """Whether a command arriving now on the connection would get past its rate limit.
+
+        The shell asks before work it does ahead of the core (looking up runs in the store): a
+        command the core will refuse `rate_limited` must not cost the store anything.
+        """
+        conn = self._open(conn_id)
+        if conn is None:
+            return False
+        elapsed = max(now - conn.refilled_at, 0)
+        return conn.tokens + elapsed * self.policy.command_rate / 1000 >= 1
+
     def _admit(self, conn: Connection, now: Millis) -> None:
         """Token bucket per connection: a burst is fine, a flood is refused."""
         elapsed = now - conn.refilled_at
