@@ -12,7 +12,7 @@ import ssl
 
 import orjson
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from gateway.config import Settings
 from gateway.service import Gateway
@@ -85,6 +85,10 @@ class RuntimeEndpoint:
                 await ws.aclose(CloseCode.SERVICE_RESTART, "the gateway is restarting; reconnect")
                 return
             await self.gateway.serve_connection(ws, principal)
+        except ConnectionClosed:
+            # The runtime hung up before its handshake was answered (accepted or refused): the
+            # peer leaving, not the gateway failing. Anyone can cause it, so no traceback either.
+            log.debug("a runtime hung up during its handshake")
         except Exception:
             # One connection's failure must never take the server (and every other runtime) down.
             log.exception("runtime connection failed")

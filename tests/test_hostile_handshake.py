@@ -9,20 +9,27 @@ watches the core's inputs: a refused handshake must not open a connection in the
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
+import pytest
 import reliability_ledger
 import trio
 from e2e_support import Harness, gateway_for_test
 from raw_wire import raw_wire
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest
 
+from gateway.config import Settings
+from gateway.server import RuntimeEndpoint
+from gateway.service import Gateway, token_digest
+from gateway.store.base import Store
 from statemachine.inputs import CommandReceived, ConnectionOpened
 
 KIND = "hostile handshake"
@@ -326,3 +333,53 @@ async def test_another_runs_token_is_admitted_only_to_its_own_run(tmp_path: Path
                 lost.append(f"run B's session changed: {view}")
         reliability_ledger.record(KIND, len(attempts) + 2, len(lost))
         assert not lost, "\n".join(lost)
+
+
+class _GonePeer:
+    """A handshake whose runtime hung up before the gateway answered it (accept or refusal)."""
+
+    def __init__(self, token: str) -> None:
+        self.path = "/runtime"
+        self.headers = [(b"authorization", f"Bearer {token}".encode())]
+        self.answered: list[str] = []
+
+    async def accept(self) -> Any:
+        self.answered.append("accept")
+        raise ConnectionClosed(CloseReason(1006, None))
+
+    async def reject(self, status: int, **_: Any) -> None:
+        self.answered.append(str(status))
+        raise ConnectionClosed(CloseReason(1006, None))
+
+
+class _OneRunStore:
+    """A store that knows one runtime token."""
+
+    def __init__(self, token: str) -> None:
+        self.digest = token_digest(token)
+
+    async def run_for_token(self, digest: bytes) -> str | None:
+        return "run_someone00001" if digest == self.digest else None
+
+
+async def test_a_runtime_hanging_up_mid_handshake_is_not_a_gateway_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can open a connection, send an upgrade request and hang up before the answer: the
+    answer's send then fails (ConnectionClosed). That is the peer leaving, not the gateway
+    failing; logged as "runtime connection failed" with a traceback at ERROR, it let anyone,
+    without a token, flood the log with stack traces at the rate they can open connections."""
+    caplog.set_level(logging.DEBUG)
+    token = "agt_" + "T" * 43
+    settings = Settings(data_dir=tmp_path)
+    gateway = Gateway(settings, cast(Store, _OneRunStore(token)))
+    endpoint = RuntimeEndpoint(gateway, settings)
+    peers = [_GonePeer("agt_" + "U" * 43), _GonePeer(token)]
+    for peer in peers:
+        await endpoint.handle(cast(WebSocketRequest, peer))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    answered = [peer.answered for peer in peers]
+    reliability_ledger.record(KIND, len(peers), len(errors))
+    assert answered == [["401"], ["accept"]]
+    assert errors == []
+    assert endpoint.admitting == 0 and not gateway.links
