@@ -92,6 +92,8 @@ class Settings:
     outbound_queue: int = field(default=256, validator=_at_least(1))
     send_timeout_s: float = field(default=10.0, validator=_above(0.0))
     max_sessions: int = field(default=50_000, validator=_at_least(1))
+    # One run's token (a runtime running code it was handed) must not take every session's slot.
+    max_connections_per_run: int = field(default=64, validator=_at_least(1))
     handshake_timeout_s: float = field(default=10.0, validator=_at_least(0.1))
     drain_timeout_s: float = field(default=10.0, validator=_at_least(0.0))
     store_sync: str = field(default="full", validator=_one_of("full", "normal"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import Counter
 
 import orjson
 import trio
@@ -66,15 +67,21 @@ class RuntimeEndpoint:
         # Handshakes past the capacity check but not yet served (their token lookup and upgrade
         # take a while): they count toward --max-sessions, or a burst of them would overshoot it.
         self.admitting = 0
+        # Connections each run's token holds, from admission to the end: one token (one runtime,
+        # running code it was handed) must not take every slot of --max-sessions from the others.
+        self.held: Counter[str] = Counter()
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: one call per handshake, for the connection's whole life."""
         # The connection is served from this frame, not from a helper's: every idle session
         # holds its suspended frames, and every send and receive passes through them.
+        principal: str | None = None
         try:
             self.admitting += 1
             try:
                 principal = await self._admit(request)
+                if principal is not None:
+                    self.held[principal] += 1  # before the upgrade: a burst cannot overshoot
                 ws = await request.accept() if principal is not None else None
             finally:
                 self.admitting -= 1  # `serve_connection` counts it as a link before it yields
@@ -92,6 +99,11 @@ class RuntimeEndpoint:
         except Exception:
             # One connection's failure must never take the server (and every other runtime) down.
             log.exception("runtime connection failed")
+        finally:
+            if principal is not None:
+                self.held[principal] -= 1
+                if not self.held[principal]:
+                    del self.held[principal]
 
     async def _admit(self, request: WebSocketRequest) -> str | None:
         """The run this handshake may act for; None once it has been refused with its reason."""
@@ -118,6 +130,14 @@ class RuntimeEndpoint:
                 "unauthorized",
                 "send Authorization: Bearer <the runtime token issued for your run>",
             )
+        elif self.held[principal] >= self.settings.max_connections_per_run:
+            await _reject(
+                request,
+                503,
+                "too-many-connections",
+                "this run's token holds its most connections at once; close one or retry later",
+            )
+            return None
         return principal
 
 

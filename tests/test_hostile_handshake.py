@@ -24,7 +24,7 @@ import reliability_ledger
 import trio
 from e2e_support import Harness, gateway_for_test
 from raw_wire import raw_wire
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketRequest
 
 from gateway.config import Settings
 from gateway.server import RuntimeEndpoint
@@ -383,3 +383,36 @@ async def test_a_runtime_hanging_up_mid_handshake_is_not_a_gateway_failure(
     assert answered == [["401"], ["accept"]]
     assert errors == []
     assert endpoint.admitting == 0 and not gateway.links
+
+
+async def test_one_runs_token_cannot_take_every_connection(tmp_path: Path) -> None:
+    """A run's token admitted any number of connections, up to --max-sessions: one runtime (which
+    runs code it was handed) could hold every slot, and every other run's runtime got 503. Past
+    --max-connections-per-run its handshakes are refused (503, retry later) and other runs'
+    runtimes are still admitted; once its connections close, the token is admitted again."""
+    async with gateway_for_test(tmp_path, max_sessions=4, max_connections_per_run=2) as h:
+        run_a, token_a = await h.create_run()
+        run_b, token_b = await h.create_run()
+        lost: list[str] = []
+        async with h.wire(token_a) as first, h.wire(token_a) as second:
+            await first.attach(run_a)
+            knock = upgrade("/runtime", f"Authorization: Bearer {token_a}".encode())
+            third = await exchange(h, knock)
+            problem = orjson.loads(third.body) if third.body else {}
+            if third.status != 503 or not problem.get("type", "").endswith("too-many-connections"):
+                lost.append(f"a third connection of one token: {third}")
+            async with h.wire(token_b) as other:
+                if (await other.attach(run_b))["runId"] != run_b:
+                    lost.append("another run's runtime was not admitted")
+            if (await second.attach(run_a, connectionEpoch=1))["runId"] != run_a:
+                lost.append("the token's own connections stopped working")
+        with trio.fail_after(10):  # the gateway counts a connection until it has closed it
+            while True:
+                try:
+                    async with h.wire(token_a) as again:
+                        await again.attach(run_a, connectionEpoch=2)
+                    break
+                except ConnectionRejected:
+                    await trio.sleep(0.05)
+        reliability_ledger.record(KIND, 3, len(lost))
+        assert not lost, "\n".join(lost)
