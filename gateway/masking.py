@@ -2,10 +2,11 @@
 
 On by default (`--no-mask-secrets` turns it off). A runtime that prints a secret it read must not
 leak it to everyone who can read the run's outputs. Every string of the event is masked: keys and
-values of `data` become `***`; `eventId` and `type` must keep matching their schema patterns, so
-there the value becomes `masked` (the same every time, so an idempotent re-publish still matches
-what was stored). Values shorter than `MIN_SECRET_LENGTH` are not masked: masking "1" or "yes"
-everywhere would destroy output and protect nothing.
+values of `data` become `***` (a number whose JSON text shows a secret becomes the string `***`
+whole); `eventId` and `type` must keep matching their schema patterns, so there the value becomes
+`masked` (the same every time, so an idempotent re-publish still matches what was stored). Values
+shorter than `MIN_SECRET_LENGTH` are not masked: masking "1" or "yes" everywhere would destroy
+output and protect nothing.
 
 A marker can itself spell a secret, or spell one with the text around it (a secret "mask" in
 `evt-mask-1` would come back as `evt-masked-1`; "ked-" would reappear at the seam). A string still
@@ -88,6 +89,12 @@ def _mask(value: Any, secrets: list[str], mask: str, whole: str) -> Any:
         if replaced and any(secret in masked for secret in secrets):
             return whole  # the marker, alone or with its neighbours, spelled a secret
         return masked
+    if type(value) is int or type(value) is float:  # not bool: `true` shows no secret
+        # A secret parsed into a number (a PIN, an account number) shows as plainly in the
+        # number's JSON text, which is what readers of the outputs get. Masked whole: a number
+        # cannot be masked in part.
+        text = orjson.dumps(value).decode()
+        return whole if any(secret in text for secret in secrets) else value
     if isinstance(value, dict):
         return _mask_object(value, secrets, mask, whole)
     if isinstance(value, list):

@@ -409,3 +409,25 @@ async def test_a_run_familys_secrets_are_masked_in_each_of_its_logs(tmp_path: Pa
     leaked = leaks(json.dumps([stored[sub_id], stored[main_id][1]]))
     reliability_ledger.record("secrets: output masking", 2, len(leaked))
     assert not leaked
+
+
+async def test_a_secret_echoed_as_a_number_is_masked(tmp_path: Path) -> None:
+    """A runtime that parsed a numeric secret (a PIN, an account number) and published it as a
+    JSON number showed it to whoever reads the outputs as plainly as one echoed as a string:
+    masking looked only at strings. A number whose JSON text shows a secret is stored as `***`
+    (a number cannot be masked in part); other numbers, and booleans, stay as they are."""
+    pin, account = "31415926", "27182818284"
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(secrets={"PIN": pin, "ACCOUNT": account})
+        data = {"pin": int(pin), "balance": float(account + ".5"), "list": [int(pin), 7],
+                "ok": True, "count": 42}
+        async with connect(h.running.runtime_url, token=token, run_id=run_id,
+                           ssl_context=h.ca.client_context()) as session:
+            await session.publish([("log.line", data)])
+        stored = (await h.http.get(f"/v1/runs/{run_id}/outputs")).json()["events"]
+    text = json.dumps(stored)
+    leaked = [name for name, value in (("PIN", pin), ("ACCOUNT", account)) if value in text]
+    reliability_ledger.record("secrets: output masking", 2, len(leaked))
+    assert stored[0]["data"] == {"pin": "***", "balance": "***", "list": ["***", 7], "ok": True,
+                                 "count": 42}
+    assert not leaked
