@@ -93,7 +93,9 @@ class Settings:
     send_timeout_s: float = field(default=10.0, validator=_above(0.0))
     max_sessions: int = field(default=50_000, validator=_at_least(1))
     # One run's token (a runtime running code it was handed) must not take every session's slot.
-    max_connections_per_run: int = field(default=64, validator=_at_least(1))
+    # A token also acts for its sub-runs, and a recover names up to 256 of them: room for one
+    # connection each, twice over while reconnects overlap the connections they replace.
+    max_connections_per_run: int = field(default=512, validator=_at_least(1))
     handshake_timeout_s: float = field(default=10.0, validator=_at_least(0.1))
     drain_timeout_s: float = field(default=10.0, validator=_at_least(0.0))
     store_sync: str = field(default="full", validator=_one_of("full", "normal"))
