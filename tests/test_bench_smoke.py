@@ -18,12 +18,14 @@ import orjson
 import pytest
 import trio
 import trustme
+from jsonschema import ValidationError  # type: ignore[import-untyped,unused-ignore]
 from trio_websocket import open_websocket_url
 
 # bench/ is not part of the wheel: the suite runs from the checkout, and so do these tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import direct_echo
+from bench.codec_bench import HEARTBEAT, reference_validator
 from bench.heap import OWNERS, owner, owning_frame
 from bench.machine import describe
 from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
@@ -37,6 +39,7 @@ from bench.report import (
     write_results,
 )
 from bench.suite import QUICK, SMOKE, Results, interpret, percentile, run_plan
+from gateway import codec
 from statemachine.effects import SendReply
 from statemachine.messages import HeartbeatResponse
 
@@ -231,6 +234,41 @@ def test_statemachine_micro_benchmark_runs() -> None:
 def test_codec_micro_benchmark_runs() -> None:
     ours, theirs = codec_us(50, 1)
     assert ours > 0 and theirs > 0
+
+
+def _heartbeat_variant(**changes: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = orjson.loads(HEARTBEAT)
+    for key, value in changes.items():
+        if key == "payload":
+            frame["payload"] = {**frame["payload"], **value}
+        else:
+            frame[key] = value
+    return frame
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        _heartbeat_variant(),
+        # The wider Envelope admits a gateway channel; the codec refuses it from a runtime.
+        _heartbeat_variant(channel="runtime.session.heartbeat.reply"),
+        _heartbeat_variant(id="has space"),
+        _heartbeat_variant(payload={"sessionId": 7}),
+        _heartbeat_variant(payload={"extra": True}),
+        _heartbeat_variant(extra=True),
+    ],
+)
+def test_jsonschema_reference_validates_what_the_codec_validates(frame: dict[str, Any]) -> None:
+    # jsonschema_us_per_frame is "the same validation" as codec_us_per_frame: the two must agree
+    # on every frame, including the ones only the codec's narrower envelope refuses.
+    validate = reference_validator()
+    try:
+        validate(frame)
+        reference_accepts = True
+    except ValidationError:
+        reference_accepts = False
+    codec_accepts = isinstance(codec.decode(orjson.dumps(frame).decode()), codec.Decoded)
+    assert reference_accepts == codec_accepts
 
 
 async def test_shell_micro_benchmark_runs_the_whole_frame_path() -> None:
