@@ -184,8 +184,8 @@ _METHOD = [
     "",
     "- `echo_rt_per_s`, `heartbeat_rt_per_s`, `heartbeat_ratio`: 100 connections each doing"
     " sequential round trips of the same ~220-byte heartbeat frame, echo and gateway rounds"
-    " alternating (ABBA); rates are medians of the rounds, and the ratio is the median, over"
-    " the pairs of back-to-back rounds, of heartbeat rate / echo rate.",
+    " alternating (ABBA); each rate is the round trips over the time of all its rounds, and"
+    " the ratio is heartbeat rate / echo rate (each pair's ratio is in the details).",
     "- `sessions_held`, `session_kib`, `heartbeat_p99_ms`: a fresh gateway; sessions attach and"
     " heartbeat every interval, each at its own phase so the load is even; RSS of the gateway"
     " before attaching and once all are attached; p99 over every heartbeat in the window;"

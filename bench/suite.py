@@ -17,7 +17,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,62 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
+@frozen
+class RatioFigures:
+    """What the interleaved echo and heartbeat rounds measured, pooled per target."""
+
+    echo_rate: float
+    heartbeat_rate: float
+    echo_cpu_us: float
+    gateway_cpu_us: float
+    details: dict[str, Any]
+
+
+def ratio_figures(rounds: Sequence[Mapping[str, Any]]) -> RatioFigures:
+    """Each target's rate over all its rounds, and the server's CPU per round trip.
+
+    The issue defines heartbeat_ratio as heartbeat_rt_per_s / echo_rt_per_s, so the two rates
+    and the ratio must come from the same figures: each rate is its round trips over its time,
+    summed over every round of that target. The rounds alternate ABBA, so a host whose speed
+    drifts steadily through the phase slows both sums alike. The ratio of each pair of
+    back-to-back rounds is kept in the details, to show how much one pair can move.
+    """
+    totals = {target: {"trips": 0.0, "elapsed": 0.0, "server": 0.0, "client": 0.0}
+              for target in ("echo", "gateway")}
+    rates: dict[str, list[float]] = {"echo": [], "gateway": []}
+    for entry in rounds:
+        if entry["bad"]:
+            raise RuntimeError(f"{entry['bad']} bad replies in a {entry['target']} round")
+        total = totals[entry["target"]]
+        total["trips"] += entry["round_trips"]
+        total["elapsed"] += entry["elapsed_s"]
+        total["server"] += entry["server_cpu_s"]
+        total["client"] += entry["client_cpu_s"]
+        rates[entry["target"]].append(entry["round_trips"] / entry["elapsed_s"])
+    for target, total in totals.items():
+        if not total["trips"]:
+            raise RuntimeError(f"no {target} round trip was measured")
+    # Round n of each target ran back to back with the other's round n (ABBA order).
+    pair_ratios = [gw / echo for gw, echo in zip(rates["gateway"], rates["echo"], strict=True)]
+    details: dict[str, Any] = {
+        target: {
+            "server_cores": total["server"] / total["elapsed"],
+            "client_cores": total["client"] / total["elapsed"],
+            "rates": [round(x) for x in rates[target]],
+        }
+        for target, total in totals.items()
+    }
+    details["pair_ratios"] = [round(x, 3) for x in pair_ratios]
+    echo, gateway = totals["echo"], totals["gateway"]
+    return RatioFigures(
+        echo_rate=echo["trips"] / echo["elapsed"],
+        heartbeat_rate=gateway["trips"] / gateway["elapsed"],
+        echo_cpu_us=echo["server"] / echo["trips"] * 1e6,
+        gateway_cpu_us=gateway["server"] / gateway["trips"] * 1e6,
+        details=details,
+    )
+
+
 def _pairs(runs: Sequence[SeededRun]) -> list[list[str]]:
     return [[run.run_id, run.token] for run in runs]
 
@@ -225,35 +281,13 @@ class Bench:
         budget = 120 + plan.ratio_pairs * 2 * (plan.ratio_round_s + 5)
         async with self.loadgen(spec) as generator:
             result = await generator.event("result", budget)
-        rounds = result["rounds"]
-        rates: dict[str, list[float]] = {"echo": [], "gateway": []}
-        for entry in rounds:
-            if entry["bad"]:
-                raise RuntimeError(f"{entry['bad']} bad replies in a {entry['target']} round")
-            rates[entry["target"]].append(entry["round_trips"] / entry["elapsed_s"])
-        echo_rate = statistics.median(rates["echo"])
-        heartbeat_rate = statistics.median(rates["gateway"])
-        self.results.put("echo_rt_per_s", echo_rate, "round trips/s")
-        self.results.put("heartbeat_rt_per_s", heartbeat_rate, "round trips/s")
-        # Each gateway round is compared with the echo round next to it (the generator runs them
-        # back to back, ABBA), so a host that slows down for a while slows both sides of a pair.
-        pair_ratios = [gw / echo for gw, echo in zip(rates["gateway"], rates["echo"], strict=True)]
-        self.results.put("heartbeat_ratio", statistics.median(pair_ratios), "ratio")
-        cpu = {
-            target: {
-                "server_cores": statistics.median(
-                    r["server_cpu_s"] / r["elapsed_s"] for r in rounds if r["target"] == target),
-                "client_cores": statistics.median(
-                    r["client_cpu_s"] / r["elapsed_s"] for r in rounds if r["target"] == target),
-                "rates": [round(x) for x in rates[target]],
-            }
-            for target in ("echo", "gateway")
-        }
-        self.results.details["ratio"] = {**cpu, "pair_ratios": [round(x, 3) for x in pair_ratios]}
-        self.results.put("gateway_cpu_us_per_heartbeat",
-                         cpu["gateway"]["server_cores"] / heartbeat_rate * 1e6, "us")
-        self.results.put("echo_cpu_us_per_round_trip",
-                         cpu["echo"]["server_cores"] / echo_rate * 1e6, "us")
+        figures = ratio_figures(result["rounds"])
+        self.results.put("echo_rt_per_s", figures.echo_rate, "round trips/s")
+        self.results.put("heartbeat_rt_per_s", figures.heartbeat_rate, "round trips/s")
+        self.results.put("heartbeat_ratio", figures.heartbeat_rate / figures.echo_rate, "ratio")
+        self.results.details["ratio"] = figures.details
+        self.results.put("gateway_cpu_us_per_heartbeat", figures.gateway_cpu_us, "us")
+        self.results.put("echo_cpu_us_per_round_trip", figures.echo_cpu_us, "us")
 
     async def _burst(self, runs: list[SeededRun], url: str, server: Child,
                      echo: bool) -> dict[str, Any]:
@@ -525,10 +559,11 @@ def interpret(results: Results, cores: int, load: float) -> None:
     if len(pairs) >= 4:
         quarter = len(pairs) // 4
         notes.append(
-            f"heartbeat_ratio is the median of {len(pairs)} pairs of back-to-back rounds, which"
-            f" ranged from {pairs[0]:.2f} to {pairs[-1]:.2f} (middle half {pairs[quarter]:.2f}-"
-            f"{pairs[-1 - quarter]:.2f}): on a shared host one run's ratio moves by about that"
-            " much, so read it with the CPU ratio above")
+            "heartbeat_ratio is heartbeat_rt_per_s / echo_rt_per_s, each the rate over all"
+            f" {len(pairs)} of its rounds, interleaved back to back with the other's (ABBA);"
+            f" the ratio of one pair of rounds ranged from {pairs[0]:.2f} to {pairs[-1]:.2f}"
+            f" (middle half {pairs[quarter]:.2f}-{pairs[-1 - quarter]:.2f}): on a shared host"
+            " a short measurement moves by about that much, so read it with the CPU ratio above")
     outputs = results.details.get("outputs")
     if outputs and outputs["stored"] and "echo_cpu_us_per_round_trip" in value:
         notes.append(

@@ -38,7 +38,15 @@ from bench.report import (
     validate_results,
     write_results,
 )
-from bench.suite import QUICK, SMOKE, Results, interpret, percentile, run_plan
+from bench.suite import (
+    QUICK,
+    SMOKE,
+    Results,
+    interpret,
+    percentile,
+    ratio_figures,
+    run_plan,
+)
 from gateway import codec
 from statemachine.effects import SendReply
 from statemachine.messages import HeartbeatResponse
@@ -149,7 +157,8 @@ def test_interpret_puts_each_figure_next_to_its_transport_twin() -> None:
     assert "the gateway's own work is 25 us per heartbeat (the ratio of the two is 0.80)" in text
     assert "18.0 us of CPU per durable event, 0.90 cores busy" in text
     assert "its own share is 4.0 KiB" in text
-    assert "median of 8 pairs of back-to-back rounds, which ranged from 0.70 to 0.95" in text
+    assert "each the rate over all 8 of its rounds" in text
+    assert "the ratio of one pair of rounds ranged from 0.70 to 0.95" in text
     assert "(middle half 0.80-0.88)" in text
     assert "holds 30.5 KiB per idle connection, 8.5 KiB less than trio-websocket's" in text
 
@@ -208,6 +217,35 @@ def test_heap_names_the_line_of_the_library_that_asked() -> None:
     assert frame is not None
     assert (name, frame.filename, frame.lineno) == ("gateway", where["gateway"] + "links.py", 42)
     assert owning_frame(stack("<frozen runpy>")) == ("other", None)
+
+
+def _round(target: str, trips: int, elapsed: float, server_cpu: float) -> dict[str, Any]:
+    return {"target": target, "round_trips": trips, "bad": 0, "elapsed_s": elapsed,
+            "server_cpu_s": server_cpu, "client_cpu_s": elapsed / 2}
+
+
+def test_heartbeat_ratio_is_the_quotient_of_the_two_reported_rates() -> None:
+    # The issue defines heartbeat_ratio as heartbeat_rt_per_s / echo_rt_per_s. Rounds in ABBA
+    # order, the host slowing down through the phase: the pooled rates see the same slowdown.
+    rounds = [
+        _round("echo", 10_000, 1.0, 0.9), _round("gateway", 8_000, 1.0, 0.9),
+        _round("gateway", 7_000, 1.0, 0.9), _round("echo", 9_000, 1.0, 0.9),
+        _round("echo", 4_000, 1.0, 0.9), _round("gateway", 3_800, 1.0, 0.9),
+    ]
+    figures = ratio_figures(rounds)
+    assert figures.echo_rate == pytest.approx(23_000 / 3)
+    assert figures.heartbeat_rate == pytest.approx(18_800 / 3)
+    # Pairs are the back-to-back rounds: (10 000, 8 000), (9 000, 7 000), (4 000, 3 800).
+    assert figures.details["pair_ratios"] == [0.8, round(7 / 9, 3), 0.95]
+    assert figures.gateway_cpu_us == pytest.approx(2.7 / 18_800 * 1e6)
+    assert figures.echo_cpu_us == pytest.approx(2.7 / 23_000 * 1e6)
+    assert figures.details["echo"]["server_cores"] == pytest.approx(0.9)
+
+
+def test_a_bad_reply_fails_the_ratio_phase() -> None:
+    rounds = [_round("echo", 10, 1.0, 0.1), {**_round("gateway", 9, 1.0, 0.1), "bad": 1}]
+    with pytest.raises(RuntimeError, match="1 bad replies in a gateway round"):
+        ratio_figures(rounds)
 
 
 def test_percentile_is_nearest_rank() -> None:
