@@ -300,6 +300,8 @@ async def attach_burst(spec: Spec) -> None:
             failures["timeout"] += len(spec["runs"]) - len(latencies) - sum(failures.values())
         emit(event="result", latencies_ms=[round(x * 1000, 3) for x in latencies],
              failures=dict(failures), client_cpu_s=_cpu() - cpu)
+        # Connections stay open until the orchestrator has read the server's CPU.
+        await _stdin().read_json()  # "stop", or end of stdin
         connections.cancel_scope.cancel()
 
 

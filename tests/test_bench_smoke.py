@@ -39,9 +39,11 @@ from bench.report import (
     write_results,
 )
 from bench.suite import (
+    ATTACH_TIMEOUT_S,
     QUICK,
     SMOKE,
     Results,
+    burst_percentile,
     interpret,
     percentile,
     ratio_figures,
@@ -255,6 +257,17 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([7.0], 0.99) == 7.0
     with pytest.raises(ValueError):
         percentile([], 0.99)
+
+
+def test_failed_attaches_rank_as_not_attached_in_time() -> None:
+    # 1 000 runtimes: 995 attached in 1..995 ms, 5 failed. The p99 is the 990th of all 1 000,
+    # not the 986th of the 995 that made it.
+    attached = [float(x) for x in range(1, 996)]
+    assert burst_percentile(attached, 5, 0.99) == 990.0
+    assert burst_percentile(attached, 0, 0.99) == 986.0
+    # More than 1 % failed: the p99 runtime never attached within the burst's time.
+    assert burst_percentile(attached[:980], 20, 0.99) == ATTACH_TIMEOUT_S * 1000
+    assert burst_percentile(attached[:980], 20, 0.5) == 500.0
 
 
 def test_the_attached_hub_grants_heartbeats() -> None:
