@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ FAILURES = (ConnectionClosed, HandshakeError, AttachFailed, OSError, trio.Broken
 OUTPUT_REPLY = '"channel":"runtime.task.output.reply"'
 INPUT_EVENT = '"channel":"service.task.input.event"'
 ACK_REPLY = '"channel":"runtime.task.input.ack.reply"'
+MAX_HEARTBEATS = 1_000_000  # a held session's heartbeats (it is stopped long before)
 
 
 def _context(spec: Spec) -> ssl.SSLContext:
@@ -147,6 +148,49 @@ async def ratio(spec: Spec) -> None:
 # --- many sessions held, heartbeating at their interval --------------------------------------
 
 
+def due_time(first_due: float, interval: float, number: int) -> float:
+    """When a session's heartbeat `number` (from 0) is due: one formula for the session's loop
+    and for `unanswered_waits`, so both place a heartbeat on the same side of a window's edge."""
+    return first_due + number * interval
+
+
+def dues_in_window(first_due: float, interval: float, start: float, end: float) -> list[float]:
+    """The due times of a session's heartbeats that fall in [start, end), in order."""
+    number = max(0, math.floor((start - first_due) / interval) - 1)
+    dues = []
+    while (due := due_time(first_due, interval, number)) < end:
+        if due >= start:
+            dues.append(due)
+        number += 1
+    return dues
+
+
+class Schedule:
+    """One live session's heartbeat schedule and how many of its window's heartbeats were timed."""
+
+    __slots__ = ("first_due", "timed")
+
+    def __init__(self, first_due: float) -> None:
+        self.first_due = first_due
+        self.timed = 0
+
+
+def unanswered_waits(schedules: Iterable[Schedule], interval: float, start: float, end: float,
+                     now: float) -> list[float]:
+    """How long each heartbeat due in [start, end) but not answered by `now` has waited.
+
+    A session's heartbeats go one at a time and in order, so the first `timed` of its window's
+    heartbeats are the answered ones; the others are in flight or still unsent behind a reply
+    that has not come. Each has waited at least `now - due`: leaving them out would take the
+    slowest heartbeats out of the p99.
+    """
+    waits = []
+    for schedule in schedules:
+        dues = dues_in_window(schedule.first_due, interval, start, end)
+        waits += [now - due for due in dues[schedule.timed:]]
+    return waits
+
+
 class _Hold:
     """Shared tallies of one generator's held sessions."""
 
@@ -156,6 +200,7 @@ class _Hold:
         self.failures: Counter[str] = Counter()
         self.all_tried = trio.Event()
         self.window = (math.inf, math.inf)
+        self.schedules: dict[int, Schedule] = {}  # live sessions, by index
         self.latencies: list[float] = []
         self.lags: list[float] = []
         self.refused = 0
@@ -192,9 +237,10 @@ async def hold(spec: Spec) -> None:
         frames = HeartbeatFrames(session_id, run_id, instance)
         phase = (spec["offset"] + index) / spec["total"] * interval
         ticks = math.ceil((trio.current_time() - origin - phase) / interval)
-        due = origin + phase + ticks * interval
+        schedule = tally.schedules[index] = Schedule(origin + phase + ticks * interval)
         try:
-            while True:
+            for number in range(MAX_HEARTBEATS):
+                due = due_time(schedule.first_due, interval, number)
                 await trio.sleep_until(due)
                 sent = trio.current_time()
                 await ws.send_message(frames.next())
@@ -203,11 +249,12 @@ async def hold(spec: Spec) -> None:
                 if start <= due < end:
                     tally.latencies.append(trio.current_time() - sent)
                     tally.lags.append(sent - due)
+                    schedule.timed += 1
                     if not _heartbeat_ok("", reply):
                         tally.refused += 1
-                due += interval
         except FAILURES:
             tally.lost += 1
+            del tally.schedules[index]
 
     async with trio.open_nursery() as nursery:
         started = trio.current_time()
@@ -225,7 +272,10 @@ async def hold(spec: Spec) -> None:
             tally.window = (now, now + window)
             cpu = _cpu()
             await trio.sleep(window + min(interval, 5.0))  # heartbeats due late in it finish
+            waits = unanswered_waits(tally.schedules.values(), interval, *tally.window,
+                                     trio.current_time())
             emit(event="result", latencies_ms=[round(x * 1000, 3) for x in tally.latencies],
+                 unanswered_ms=[round(x * 1000, 3) for x in waits],
                  lag_ms_max=round(max(tally.lags, default=0.0) * 1000, 3), refused=tally.refused,
                  lost=tally.lost, attached=tally.attached, client_cpu_s=_cpu() - cpu,
                  window_s=window)

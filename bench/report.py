@@ -188,7 +188,8 @@ _METHOD = [
     " the ratio is heartbeat rate / echo rate (each pair's ratio is in the details).",
     "- `sessions_held`, `session_kib`, `heartbeat_p99_ms`: a fresh gateway; sessions attach and"
     " heartbeat every interval, each at its own phase so the load is even; RSS of the gateway"
-    " before attaching and once all are attached; p99 over every heartbeat in the window;"
+    " before attaching and once all are attached; p99 over every heartbeat due in the window"
+    " (one still unanswered when the window's grace ends counts at the time it had waited);"
     " `sessions_held` counts sessions that stayed attached and had every heartbeat accepted.",
     "- `attach_p99_ms`: 1 000 runtimes start at one instant: TCP, TLS, WebSocket upgrade with"
     " the bearer token, attach command, attach reply; latency from that instant (a runtime"

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import direct_echo
 from bench.codec_bench import HEARTBEAT, reference_validator
 from bench.heap import OWNERS, owner, owning_frame
+from bench.loadgen import Schedule, due_time, dues_in_window, unanswered_waits
 from bench.machine import describe
 from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
 from bench.report import (
@@ -268,6 +269,24 @@ def test_failed_attaches_rank_as_not_attached_in_time() -> None:
     # More than 1 % failed: the p99 runtime never attached within the burst's time.
     assert burst_percentile(attached[:980], 20, 0.99) == ATTACH_TIMEOUT_S * 1000
     assert burst_percentile(attached[:980], 20, 0.5) == 500.0
+
+
+def test_dues_in_window_are_the_heartbeats_due_in_it() -> None:
+    assert dues_in_window(3.0, 10.0, 20.0, 50.0) == [23.0, 33.0, 43.0]
+    assert dues_in_window(0.0, 10.0, 10.0, 30.0) == [10.0, 20.0]  # [start, end)
+    assert dues_in_window(100.0, 10.0, 20.0, 50.0) == []
+    # Edges that are themselves due times are placed as the session's loop places them.
+    start, end = due_time(0.3, 0.7, 5), due_time(0.3, 0.7, 9)
+    assert dues_in_window(0.3, 0.7, start, end) == [due_time(0.3, 0.7, n) for n in range(5, 9)]
+
+
+def test_heartbeats_unanswered_when_the_window_closes_are_counted() -> None:
+    # Window [100, 130), a heartbeat every 10 s, results read at 140.
+    all_answered, one_answered, none_answered = Schedule(101.0), Schedule(105.0), Schedule(99.0)
+    all_answered.timed, one_answered.timed = 3, 1
+    waits = unanswered_waits([all_answered, one_answered, none_answered], 10.0, 100.0, 130.0,
+                             140.0)
+    assert sorted(waits) == [11.0, 15.0, 21.0, 25.0, 31.0]
 
 
 def test_the_attached_hub_grants_heartbeats() -> None:
