@@ -113,36 +113,37 @@ async def ratio(spec: Spec) -> None:
     """Alternate echo and gateway-heartbeat rounds over the same kind of connections."""
     context = _context(spec)
     servers = {name: psutil.Process(pid) for name, pid in spec["server_pids"].items()}
-    async with trio.open_nursery() as nursery:
-        echo: list[tuple[WebSocketConnection, HeartbeatFrames]] = []
-        gateway: list[tuple[WebSocketConnection, HeartbeatFrames]] = []
-        for index, (run_id, token) in enumerate(spec["runs"]):
-            instance = _instance(index)
-            ws = await connect(nursery, spec["gateway_url"], context, token)
-            session_id = await attach(ws, run_id, instance)
-            gateway.append((ws, HeartbeatFrames(session_id, run_id, instance)))
-            # The echo connection sends the very same bytes as its gateway twin.
-            ws = await connect(nursery, spec["echo_url"], context)
-            echo.append((ws, HeartbeatFrames(session_id, run_id, instance)))
-        targets = {"echo": (echo, _echoed), "gateway": (gateway, _heartbeat_ok)}
-        for name in ("echo", "gateway"):  # warm-up: caches, allocator, branch predictors
-            pairs, check = targets[name]
-            await _round(pairs, spec["warmup_s"], spec["cap"], check)
-        rounds = []
-        for number in range(spec["rounds"]):
-            order = ("echo", "gateway") if number % 2 == 0 else ("gateway", "echo")
-            for name in order:
+    with trio.fail_after(spec["timeout_s"]):  # connecting and attaching included
+        async with trio.open_nursery() as nursery:
+            echo: list[tuple[WebSocketConnection, HeartbeatFrames]] = []
+            gateway: list[tuple[WebSocketConnection, HeartbeatFrames]] = []
+            for index, (run_id, token) in enumerate(spec["runs"]):
+                instance = _instance(index)
+                ws = await connect(nursery, spec["gateway_url"], context, token)
+                session_id = await attach(ws, run_id, instance)
+                gateway.append((ws, HeartbeatFrames(session_id, run_id, instance)))
+                # The echo connection sends the very same bytes as its gateway twin.
+                ws = await connect(nursery, spec["echo_url"], context)
+                echo.append((ws, HeartbeatFrames(session_id, run_id, instance)))
+            targets = {"echo": (echo, _echoed), "gateway": (gateway, _heartbeat_ok)}
+            for name in ("echo", "gateway"):  # warm-up: caches, allocator, branch predictors
                 pairs, check = targets[name]
-                server = servers[name]
-                server_cpu, client_cpu = sum(server.cpu_times()[:2]), _cpu()
-                good, bad, elapsed = await _round(pairs, spec["round_s"], spec["cap"], check)
-                rounds.append({
-                    "target": name, "round_trips": good, "bad": bad, "elapsed_s": elapsed,
-                    "server_cpu_s": sum(server.cpu_times()[:2]) - server_cpu,
-                    "client_cpu_s": _cpu() - client_cpu,
-                })
-        emit(event="result", rounds=rounds)
-        nursery.cancel_scope.cancel()
+                await _round(pairs, spec["warmup_s"], spec["cap"], check)
+            rounds = []
+            for number in range(spec["rounds"]):
+                order = ("echo", "gateway") if number % 2 == 0 else ("gateway", "echo")
+                for name in order:
+                    pairs, check = targets[name]
+                    server = servers[name]
+                    server_cpu, client_cpu = sum(server.cpu_times()[:2]), _cpu()
+                    good, bad, elapsed = await _round(pairs, spec["round_s"], spec["cap"], check)
+                    rounds.append({
+                        "target": name, "round_trips": good, "bad": bad, "elapsed_s": elapsed,
+                        "server_cpu_s": sum(server.cpu_times()[:2]) - server_cpu,
+                        "client_cpu_s": _cpu() - client_cpu,
+                    })
+            emit(event="result", rounds=rounds)
+            nursery.cancel_scope.cancel()
 
 
 # --- many sessions held, heartbeating at their interval --------------------------------------
@@ -387,18 +388,19 @@ async def outputs(spec: Spec) -> None:
                 bad += 1
                 return
 
-    async with trio.open_nursery() as nursery:
-        runtimes = await _attach_all(nursery, spec, spec["url"])
-        cpu, start = _cpu(), trio.current_time()
-        with trio.fail_after(spec["timeout_s"]):
+    # Attaching included: a gateway that never answers an attach must not hold the run.
+    with trio.fail_after(spec["timeout_s"]):
+        async with trio.open_nursery() as nursery:
+            runtimes = await _attach_all(nursery, spec, spec["url"])
+            cpu, start = _cpu(), trio.current_time()
             async with trio.open_nursery() as publishers:
                 for ws, run_id, session_id in runtimes:
                     publishers.start_soon(publish, ws, run_id, session_id,
                                           start + spec["duration_s"])
-        elapsed = trio.current_time() - start
-        emit(event="result", acked_events=acked, bad=bad, elapsed_s=elapsed,
-             client_cpu_s=_cpu() - cpu, runs=[run_id for _, run_id, _ in runtimes])
-        nursery.cancel_scope.cancel()
+            elapsed = trio.current_time() - start
+            emit(event="result", acked_events=acked, bad=bad, elapsed_s=elapsed,
+                 client_cpu_s=_cpu() - cpu, runs=[run_id for _, run_id, _ in runtimes])
+            nursery.cancel_scope.cancel()
 
 
 # --- input events, posted over HTTP and acknowledged by runtimes -----------------------------
@@ -439,22 +441,23 @@ async def inputs(spec: Spec) -> None:
                 raise RuntimeError(f"POST inputs answered {response.status_code}")
             posted += per_post
 
-    async with (
-        httpx.AsyncClient(base_url=spec["control_url"], headers=headers, timeout=60) as http,
-        trio.open_nursery() as nursery,
-    ):
-        runtimes = await _attach_all(nursery, spec, spec["url"])
-        cpu, start = _cpu(), trio.current_time()
-        with trio.fail_after(spec["timeout_s"]):
+    with trio.fail_after(spec["timeout_s"]):  # attaching included, as for outputs
+        async with (
+            httpx.AsyncClient(base_url=spec["control_url"], headers=headers, timeout=60) as http,
+            trio.open_nursery() as nursery,
+        ):
+            runtimes = await _attach_all(nursery, spec, spec["url"])
+            cpu, start = _cpu(), trio.current_time()
             async with trio.open_nursery() as work:
                 for ws, run_id, session_id in runtimes:
                     done = trio.Event()
                     work.start_soon(_acknowledge, ws, run_id, session_id, per_post * posts - 1,
                                     done)
                     work.start_soon(post_all, http, run_id)
-        elapsed = trio.current_time() - start
-        emit(event="result", acked_events=posted, elapsed_s=elapsed, client_cpu_s=_cpu() - cpu)
-        nursery.cancel_scope.cancel()
+            elapsed = trio.current_time() - start
+            emit(event="result", acked_events=posted, elapsed_s=elapsed,
+                 client_cpu_s=_cpu() - cpu)
+            nursery.cancel_scope.cancel()
 
 
 SCENARIOS: dict[str, Callable[[Spec], Awaitable[None]]] = {

@@ -284,15 +284,16 @@ class Bench:
         plan = self.plan
         print(f"echo vs heartbeat: {plan.ratio_connections} connections,"
               f" {plan.ratio_pairs} x 2 rounds of {plan.ratio_round_s} s", flush=True)
+        # Connecting 2 x 100, the warm-up, then 2 x 2 x pairs rounds (each with its tail).
+        timeout_s = 60 + 2 * plan.ratio_warmup_s + plan.ratio_pairs * 4 * (plan.ratio_round_s + 5)
         spec = {
             "scenario": "ratio", "runs": _pairs(runs), "gateway_url": runtime_url,
             "echo_url": echo_url, "server_pids": {"echo": echo.pid, "gateway": gateway.pid},
             "rounds": plan.ratio_pairs * 2, "round_s": plan.ratio_round_s,
-            "warmup_s": plan.ratio_warmup_s, "cap": 1_000_000,
+            "warmup_s": plan.ratio_warmup_s, "cap": 1_000_000, "timeout_s": timeout_s,
         }
-        budget = 120 + plan.ratio_pairs * 2 * (plan.ratio_round_s + 5)
         async with self.loadgen(spec) as generator:
-            result = await generator.event("result", budget)
+            result = await generator.event("result", timeout_s + 60)
         figures = ratio_figures(result["rounds"])
         self.results.put("echo_rt_per_s", figures.echo_rate, "round trips/s")
         self.results.put("heartbeat_rt_per_s", figures.heartbeat_rate, "round trips/s")

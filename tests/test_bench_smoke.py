@@ -7,6 +7,7 @@ tests check that the suite measures and reports what it promises.
 from __future__ import annotations
 
 import copy
+import os
 import ssl
 import sys
 import tracemalloc
@@ -19,15 +20,15 @@ import pytest
 import trio
 import trustme
 from jsonschema import ValidationError  # type: ignore[import-untyped,unused-ignore]
-from trio_websocket import open_websocket_url
+from trio_websocket import WebSocketRequest, open_websocket_url, serve_websocket
 
 # bench/ is not part of the wheel: the suite runs from the checkout, and so do these tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import direct_echo
+from bench import direct_echo, loadgen
 from bench.codec_bench import HEARTBEAT, reference_validator
 from bench.heap import OWNERS, owner, owning_frame
-from bench.loadgen import Schedule, due_time, dues_in_window, unanswered_waits
+from bench.loadgen import Schedule, _leaves, due_time, dues_in_window, unanswered_waits
 from bench.machine import describe
 from bench.micro import attached_hub, codec_us, shell_us_per_heartbeat, statemachine_steps_per_s
 from bench.report import (
@@ -183,6 +184,43 @@ async def test_the_direct_echo_server_speaks_websocket(tmp_path: Path) -> None:
                 assert await ws.get_message() == message
             await ws.ping(b"p")
         assert ws.closed is not None and ws.closed.code == 1000  # the server answered the close
+        nursery.cancel_scope.cancel()
+
+
+async def _never_answers(request: WebSocketRequest) -> None:
+    await request.accept()
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        {"scenario": "ratio", "server_pids": {"echo": os.getpid(), "gateway": os.getpid()},
+         "rounds": 1, "round_s": 0.1, "warmup_s": 0.1, "cap": 10},
+        {"scenario": "outputs", "batch": 1, "batches": 1, "duration_s": 0.1, "text_bytes": 1},
+        {"scenario": "inputs", "control_url": "http://127.0.0.1:9", "admin_token": "t",
+         "posts": 1, "events_per_post": 1, "text_bytes": 1},
+    ],
+    ids=lambda spec: spec["scenario"],
+)
+async def test_a_scenario_ends_by_itself_when_the_server_never_answers(
+    tmp_path: Path, scenario: dict[str, Any]
+) -> None:
+    # Every load generator is bounded by its own timeout_s, connecting and attaching included:
+    # a server that accepts the WebSocket and then says nothing must not hold it.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server)
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(serve_websocket, _never_answers, "127.0.0.1", 0, server)
+        url = f"wss://localhost:{listener.port}/runtime"
+        spec = {**scenario, "ca": str(tmp_path / "ca.pem"), "url": url, "gateway_url": url,
+                "echo_url": url, "runs": [["run_bench0001", "agt_token"]], "timeout_s": 0.5}
+        with trio.move_on_after(10) as guard, pytest.raises(BaseException) as raised:
+            await loadgen.SCENARIOS[spec["scenario"]](spec)
+        assert not guard.cancel_called, "the scenario did not end by itself"
+        assert any(leaf.startswith("TooSlowError") for leaf in _leaves(raised.value))
         nursery.cancel_scope.cancel()
 
 
