@@ -193,7 +193,8 @@ _METHOD = [
     " `sessions_held` counts sessions that stayed attached and had every heartbeat accepted.",
     "- `attach_p99_ms`: 1 000 runtimes start at one instant: TCP, TLS, WebSocket upgrade with"
     " the bearer token, attach command, attach reply; latency from that instant (a runtime"
-    " that fails counts as not attached within the burst's 60 s).",
+    " that fails counts as not attached within the burst's 60 s). Each round attaches runs never"
+    " attached before, so none is a re-attach.",
     "- `output_events_per_s`: runtimes publish batches of 100 ~200-byte events back to back;"
     " the rate counts the rows found in the SQLite file afterwards (read-only), over the time"
     " from the first publish to the last durable reply.",

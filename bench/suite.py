@@ -262,7 +262,9 @@ class Bench:
         print("seeding runs for the throughput gateway", flush=True)
         runs = await seed_runs(
             self.work / "throughput" / "gateway.sqlite3",
-            {"ratio": plan.ratio_connections, "attach": plan.attach_runtimes,
+            # Fresh runs for every attach round: a run attached in an earlier round would be a
+            # re-attach within its recovery window, not the first attach the metric is about.
+            {"ratio": plan.ratio_connections, "attach": plan.attach_runtimes * plan.attach_rounds,
              "out": plan.output_runtimes, "in": plan.input_runtimes},
             with_secret=frozenset({"out", "in"}),
         )
@@ -346,13 +348,14 @@ class Bench:
 
     async def _attach_burst(self, runs: list[SeededRun], echo: Child, echo_url: str,
                             gateway: Child, runtime_url: str) -> None:
-        rounds = self.plan.attach_rounds
-        print(f"attach burst: {len(runs)} runtimes at once from {self.plan.attach_generators}"
+        rounds, each = self.plan.attach_rounds, self.plan.attach_runtimes
+        print(f"attach burst: {each} runtimes at once from {self.plan.attach_generators}"
               f" generators, echo server then gateway, {rounds} time(s)", flush=True)
         bursts: dict[str, list[dict[str, Any]]] = {"echo": [], "gateway": []}
-        for _ in range(rounds):
-            bursts["echo"].append(await self._burst(runs, echo_url, echo, echo=True))
-            bursts["gateway"].append(await self._burst(runs, runtime_url, gateway, echo=False))
+        for number in range(rounds):
+            fresh = runs[number * each:(number + 1) * each]
+            bursts["echo"].append(await self._burst(fresh, echo_url, echo, echo=True))
+            bursts["gateway"].append(await self._burst(fresh, runtime_url, gateway, echo=False))
 
         def median(name: str, key: str) -> float:
             return statistics.median(float(b[key]) for b in bursts[name])
@@ -371,7 +374,7 @@ class Bench:
             failed = sum(sum(outcome["failures"].values()) for outcome in outcomes)
             if failed:
                 self.results.notes.append(
-                    f"attach burst ({name}): {failed} of {len(runs) * rounds} runtimes failed;"
+                    f"attach burst ({name}): {failed} of {each * rounds} runtimes failed;"
                     f" the percentiles count them as not attached within the burst's"
                     f" {ATTACH_TIMEOUT_S} s (details.attach has the reasons)")
 
