@@ -425,7 +425,12 @@ class Gateway:
                         link.close_code = CloseCode.INTERNAL_ERROR
                         link.close_reason = "the gateway failed; reconnect"
                     raise
-                nursery.cancel_scope.cancel()
+                if not link.closing:
+                    nursery.cancel_scope.cancel()
+                # Else a close was decided: the writer sends what is queued (it may be midway
+                # through a frame, which a cancel would tear, breaking the TLS stream so that the
+                # close frame saying why never goes out), then ends the connection itself;
+                # `watch_sends` bounds how long a peer that stopped reading can hold it.
         finally:
             self.links.pop(conn_id, None)
             self.metrics.connections.dec()

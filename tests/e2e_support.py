@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import trio
 import trustme
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from gateway.config import Settings
 from gateway.embedded import RunningGateway, open_gateway
@@ -185,3 +185,43 @@ def error_code(frame: dict[str, Any]) -> str:
     assert frame["channel"] == "runtime.session.error", frame
     code: str = frame["payload"]["code"]
     return code
+
+
+class PeerReadingLater:
+    """A runtime's WebSocket, faked, for `Gateway.serve_connection`: frames in through `inbox`,
+    and input deliveries held (the runtime stopped reading) until `reading` is set.
+
+    Sends take turns on a lock, as trio-websocket's do, so frames reach the peer in the order
+    their sends got the stream. `torn` if the gateway gave up on a frame midway, which on a real
+    TLS stream breaks it: no close frame can follow.
+    """
+
+    def __init__(self) -> None:
+        self.inbox, self._frames = trio.open_memory_channel[str](16)
+        self.sent: list[dict[str, Any]] = []
+        self.reading = trio.Event()
+        self.stuck = trio.Event()  # a delivery is half sent
+        self.torn = False
+        self.close_code: int | None = None
+        self._stream = trio.Lock()
+
+    async def get_message(self) -> str:
+        try:
+            return await self._frames.receive()
+        except trio.EndOfChannel:
+            raise ConnectionClosed(CloseReason(1000, None)) from None
+
+    async def send_message(self, message: str) -> None:
+        frame = json.loads(message)
+        async with self._stream:
+            if frame["channel"] == "service.task.input.event" and not self.reading.is_set():
+                self.stuck.set()
+                try:
+                    await self.reading.wait()
+                except trio.Cancelled:
+                    self.torn = True
+                    raise
+            self.sent.append(frame)
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        self.close_code = None if self.torn else code

@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_support import Harness, Wire, gateway_for_test
+from e2e_support import Harness, PeerReadingLater, Wire, gateway_for_test
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reliability_ledger import record
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from gateway.store.base import Store
+from gateway.store.base import NewInput, Store
 from statemachine.inputs import AppendOutcome, EpochClaimed, OutputsAppended, Written
 from statemachine.messages import OutputEvent
 from statemachine.records import SessionRecord
@@ -473,3 +473,57 @@ async def test_a_runtime_superseded_mid_reply_is_still_told_4001(tmp_path: Path)
         record("split brain", tried=1, lost=int(code != 4001),
                detail="" if code == 4001 else f"superseded mid-reply: closed {code}, not 4001")
         assert code == 4001, f"closed with {code} after {replies} whole replies"
+
+
+async def test_a_delivery_in_flight_when_the_connection_is_superseded_is_sent_whole(
+    tmp_path: Path,
+) -> None:
+    """The superseded connection's own task, finishing a command, must not cut its writer off.
+
+    The writer is in the middle of an input delivery (the runtime reads slowly) when a higher
+    epoch supersedes the connection, while the connection's own task waits on the store for a
+    kv.set. When that answer comes, the task left its read loop and cancelled the writer
+    mid-frame: on TLS the stream breaks, the close frame never goes out, and the runtime sees a
+    plain drop (1006) instead of 4001, so it reconnects with a higher epoch and takes the run
+    back. Found reviewing the shell, and seen by a randomized explorer of it: runtimes slow to
+    read big deliveries were closed 1006 though nothing cut their links.
+    """
+    async with gateway_for_test(tmp_path) as h:
+        run_id, token = await h.create_run(capabilities=["kv.write"])
+        service = h.running.service
+        kv_set = service.store.kv_set
+        writing, disk = trio.Event(), trio.Event()
+
+        async def busy_disk(*args: Any, **kwargs: Any) -> Any:
+            writing.set()
+            await disk.wait()
+            return await kv_set(*args, **kwargs)
+
+        setattr(service.store, "kv_set", busy_disk)  # noqa: B010 - replacing a bound method
+        peer = PeerReadingLater()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.serve_connection, peer, run_id)
+                attach = {"runId": run_id, "runtimeInstanceId": "rt-old", "protocolVersion": "v1",
+                          "connectionEpoch": 1, "capabilities": ["kv.write"]}
+                await peer.inbox.send(json.dumps({"channel": ATTACH, "id": "a1",
+                                                  "payload": attach}))
+                while not peer.sent:
+                    await trio.sleep(0.01)
+                ids = {"sessionId": peer.sent[0]["payload"]["sessionId"], "runId": run_id}
+                now = service.clock.now()
+                await service.post_inputs(run_id, [NewInput("in-0", "t", {"i": 0}, now)])
+                await peer.stuck.wait()  # the writer is mid-delivery
+                await peer.inbox.send(json.dumps({"channel": KV_SET, "id": "k1",
+                                                  "payload": {**ids, "kv": {"a": "1"}}}))
+                await writing.wait()  # the connection's own task waits on the store
+                async with h.wire(token) as new:
+                    await new.attach(run_id, connectionEpoch=2, reconnect=True)
+                    disk.set()
+                    while service.hub.pending:  # the kv.set's answer reached the core
+                        await trio.sleep(0.01)
+                    peer.reading.set()  # the old runtime reads again
+        assert not peer.torn, "the delivery was cut off mid-frame"
+        assert [frame["channel"] for frame in peer.sent] == [
+            "runtime.session.attach.reply", "service.task.input.event"]
+        assert peer.close_code == 4001
