@@ -3,8 +3,10 @@
 Frames answering the connection's own commands are sent straight from its own task (a channel
 hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
 (input deliveries posted by the platform, a close for a superseded connection) go through a
-bounded queue that the connection's writer task drains. The queue and the writer are made when
-first needed: most connections never need them, and idle sessions are what a gateway holds.
+bounded queue that the connection's writer task drains. Input deliveries from the own task take
+that queue too (`send_in_turn`): the runtime must get them in seq order, whoever sends them.
+The queue and the writer are made when first needed: most connections never need them, and idle
+sessions are what a gateway holds.
 
 A runtime that stops reading fills that queue, or stalls a send (direct or queued) past
 `send_timeout_s`, and is closed with 4003 instead of making the gateway hold its frames in memory.
@@ -32,7 +34,10 @@ class Link:
         "_now",
         "_nursery",
         "_outbox",
+        "_queued",
         "_send_ended",
+        "_sent_queued",
+        "_written",
         "close_code",
         "close_reason",
         "conn_id",
@@ -60,6 +65,9 @@ class Link:
         self._now = now  # trio's clock; the gateway passes its direct reader (`Clock.trio_now`)
         self._capacity = capacity
         self._outbox: trio.MemorySendChannel[str] | None = None
+        self._queued = 0  # frames put in the queue so far,
+        self._written = 0  # and those of them the writer has sent
+        self._sent_queued: trio.Event | None = None  # set when the writer sends one, if awaited
         # When the connection's own task began the send it is in the middle of (trio clock).
         self.sending_since: float | None = None
         # The same for the writer task's send; apart, as both may be waiting on the peer at once.
@@ -103,6 +111,7 @@ class Link:
             return  # the connection is ending; what the frame carried is durable
         try:
             queue.send_nowait(frame)
+            self._queued += 1
         except trio.WouldBlock:
             self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
         except trio.BrokenResourceError:
@@ -111,6 +120,23 @@ class Link:
             # redelivered on the next attach), and the caller, often the platform's request,
             # must not fail for it.
             pass
+
+    async def send_in_turn(self, frames: list[str]) -> None:
+        """Send from the connection's own task, behind what other tasks queued, in this order.
+
+        For input deliveries, whose order the runtime relies on (it takes a seq at or below the
+        highest it saw for a redelivery, and drops it). Sent directly, a delivery could overtake
+        one queued earlier, and the writer could get the stream between the frames of a split
+        one. So they go through the queue too, and the caller waits until the writer has sent
+        them: the core reads no next batch before the runtime takes this one, as with a direct
+        send. If the connection ends meanwhile, its scope cancels the wait.
+        """
+        for frame in frames:
+            self.enqueue(frame)
+        target = self._queued
+        while self._written < target and not self.scope.cancel_called:
+            self._sent_queued = trio.Event()
+            await self._sent_queued.wait()
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close after the frames already queued are sent (the writer does the closing)."""
@@ -156,6 +182,9 @@ class Link:
                     break
                 finally:
                     self.writing_since = None
+                self._written += 1
+                if self._sent_queued is not None:
+                    self._sent_queued.set()
         # The connection's own task may be halfway through sending a frame (a reply): ending the
         # connection now would tear that frame, and the close frame behind it would never say
         # why (4001, 4002, 1012). Wait for it; `watch_sends` bounds that wait by `send_timeout_s`.

@@ -239,9 +239,16 @@ class Gateway:
             )
             self.metrics.error[effect.error.code].inc()
         elif isinstance(effect, DeliverInputs):
-            for frame in self._delivery_frames(effect.delivery_id, effect.delivery):
-                await self._send(effect.conn, frame, origin)
-                self.metrics.frames.sent[Channel.INPUT] += 1
+            frames = self._delivery_frames(effect.delivery_id, effect.delivery)
+            if (link := self.links.get(effect.conn)) is not None:
+                if effect.conn == origin:
+                    # Not a direct send: deliveries must reach the runtime in seq order, and
+                    # other tasks queue theirs (see `Link.send_in_turn`).
+                    await link.send_in_turn(frames)
+                else:
+                    for frame in frames:
+                        link.enqueue(frame)
+            self.metrics.frames.sent[Channel.INPUT] += len(frames)
         elif isinstance(effect, ArmTimer):
             self.timers.arm(effect.run_id, effect.deadline)
         elif isinstance(effect, CloseConnection):
@@ -311,8 +318,9 @@ class Gateway:
     def _direct(self, conn: int, frame: str, origin: int | None) -> Link | None:
         """The link to send `frame` on from this task; None if it was queued or has no link.
 
-        Only the connection's own task sends directly (its replies); other tasks queue. Not a
-        coroutine, so the reply path awaits one coroutine less.
+        Only the connection's own task sends directly (its replies; its input deliveries take
+        their turn in the queue instead); other tasks queue. Not a coroutine, so the reply path
+        awaits one coroutine less.
         """
         link = self.links.get(conn)
         if link is None or conn == origin:

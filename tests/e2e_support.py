@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.embedded import RunningGateway, open_gateway
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+INPUT_CHANNEL = "service.task.input.event"
 
 
 class CertificateAuthority:
@@ -225,3 +226,8 @@ class PeerReadingLater:
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         self.close_code = None if self.torn else code
+
+    def delivered(self) -> list[int]:
+        """The seqs of the input deliveries sent so far, in the order they were sent."""
+        return [event["seq"] for frame in self.sent if frame["channel"] == INPUT_CHANNEL
+                for event in frame["payload"]["events"]]

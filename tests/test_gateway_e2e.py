@@ -10,10 +10,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import trio
+import trio.testing
 from e2e_support import (
     ADMIN_TOKEN,
     CertificateAuthority,
     Harness,
+    PeerReadingLater,
     Wire,
     error_code,
     gateway_for_test,
@@ -24,7 +26,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from gateway.codec import decode_server_frame
 from gateway.embedded import open_gateway
 from gateway.links import Link
-from gateway.store.base import StoreError
+from gateway.store.base import NewInput, StoreError
 from statemachine.effects import ArmTimer, Effect, SendReply
 from statemachine.inputs import CommandReceived
 from statemachine.messages import Channel, HeartbeatCommand, HeartbeatResponse, Millis
@@ -788,3 +790,40 @@ async def test_a_session_attached_before_a_restart_can_be_recovered_after_it(
         recovered = await wire.call(RECOVER, command)
         assert recovered["payload"] == {"accepted": True}
         assert (await wire.call(HEARTBEAT, ids))["payload"]["accepted"] is True
+
+
+async def test_a_delivery_split_into_frames_is_not_overtaken_by_a_later_one(
+    tmp_path: Path,
+) -> None:
+    """Input frames reach the runtime in seq order, whichever task delivers them.
+
+    The redelivery after an attach is sent by the connection's own task, frame by frame when a
+    batch is split to fit `maxFrameBytes`. While the runtime was slow to take its first frame,
+    the platform posted another input, which the platform's task queued for the connection's
+    writer: the writer got the stream between the own task's frames, and the runtime saw seqs
+    0, 2, 1. The client takes a seq at or below the highest seen for a redelivery and drops it,
+    then acknowledges past it: seq 1 would never be handled. Found by a randomized shell
+    explorer (slow readers, inputs big enough to split, the platform posting all along).
+    """
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096) as h:
+        run_id, _ = await h.create_run()
+        service = h.running.service
+        now = service.clock.now()
+        # Two inputs that fit a frame each but not together: a delivery of two frames.
+        await service.post_inputs(run_id, [
+            NewInput(f"in-{n}", "chunk", {"text": "x" * 2500}, now) for n in range(2)])
+        peer = PeerReadingLater()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.serve_connection, peer, run_id)
+                attach = {"runId": run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}
+                await peer.inbox.send(json.dumps({"channel": "runtime.session.attach.command",
+                                                  "id": "a1", "payload": attach}))
+                await peer.stuck.wait()  # the first frame of the redelivery is on its way
+                await service.post_inputs(run_id, [NewInput("in-2", "chunk", {"n": 2}, now)])
+                await trio.testing.wait_all_tasks_blocked()  # everyone waits for the runtime
+                peer.reading.set()
+                while len(peer.delivered()) < 3:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert peer.delivered() == [0, 1, 2]
