@@ -4,7 +4,7 @@ Frames answering the connection's own commands are sent straight from its own ta
 hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
 (input deliveries posted by the platform, a close for a superseded connection) go through a
 bounded queue that the connection's writer task drains. Input deliveries from the own task take
-that queue too (`send_in_turn`): the runtime must get them in seq order, whoever sends them.
+that queue too, queued as the core decides them: the runtime must get them in seq order.
 The queue and the writer are made when first needed: most connections never need them, and idle
 sessions are what a gateway holds.
 
@@ -121,20 +121,19 @@ class Link:
             # must not fail for it.
             pass
 
-    async def send_in_turn(self, frames: list[str]) -> None:
-        """Send from the connection's own task, behind what other tasks queued, in this order.
+    @property
+    def queued(self) -> int:
+        """How many frames were put in the queue so far (what `written` waits for)."""
+        return self._queued
 
-        For input deliveries, whose order the runtime relies on (it takes a seq at or below the
-        highest it saw for a redelivery, and drops it). Sent directly, a delivery could overtake
-        one queued earlier, and the writer could get the stream between the frames of a split
-        one. So they go through the queue too, and the caller waits until the writer has sent
-        them: the core reads no next batch before the runtime takes this one, as with a direct
-        send. If the connection ends meanwhile, its scope cancels the wait.
+    async def written(self, upto: int) -> None:
+        """Wait until the writer has sent the first `upto` frames queued, or the link ends.
+
+        The connection's own task waits here for its input deliveries, which take the queue to
+        stay in order with everyone else's: the core reads no next batch before the runtime
+        takes this one, as with a direct send. A link that ends cancels the wait (its scope).
         """
-        for frame in frames:
-            self.enqueue(frame)
-        target = self._queued
-        while self._written < target and not self.scope.cancel_called:
+        while self._written < upto and not self.scope.cancel_called:
             self._sent_queued = trio.Event()
             await self._sent_queued.wait()
 

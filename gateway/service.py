@@ -190,7 +190,7 @@ class Gateway:
         out with the connection's own frames dropped (it is closing; what they carried is
         durable, or answers a command the runtime retries).
         """
-        queue = deque(effects)
+        queue: deque[Effect | _Queued] = deque(self._queue_deliveries(effects, origin))
         try:
             while queue:
                 effect = queue.popleft()
@@ -209,15 +209,19 @@ class Gateway:
                     self.metrics.frames.sent[channel] += 1
                 elif kind in _STORE_EFFECTS:
                     ticket = cast(StoreEffect, effect).ticket
-                    answer = await self._answer(effect)
-                    queue.extend(self.hub.handle(StoreAnswered(ticket, answer, self.clock.now())))
+                    answer = await self._answer(cast(StoreEffect, effect))
+                    answered = self.hub.handle(StoreAnswered(ticket, answer, self.clock.now()))
+                    queue.extend(self._queue_deliveries(answered, origin))
+                elif kind is _Queued:
+                    queued = cast(_Queued, effect)
+                    await queued.link.written(queued.upto)
                 else:
-                    await self._other(effect, origin)
+                    await self._other(cast(Effect, effect), origin)
         except trio.Cancelled:
             left = [e for e in queue if not (
-                isinstance(e, (SendReply, SendError, DeliverInputs)) and e.conn == origin)]
+                isinstance(e, (SendReply, SendError, _Queued)) and e.conn == origin)]
             with trio.CancelScope(shield=True):
-                await self.execute(left)  # no origin: other connections' frames are only queued
+                await self.execute(cast(list[Effect], left))  # no origin: frames are only queued
             raise
 
     async def _answer(self, effect: Effect) -> StoreAnswer:
@@ -238,17 +242,6 @@ class Gateway:
                 effect.conn, encode(Channel.ERROR, effect.request_id, effect.error), origin
             )
             self.metrics.error[effect.error.code].inc()
-        elif isinstance(effect, DeliverInputs):
-            frames = self._delivery_frames(effect.delivery_id, effect.delivery)
-            if (link := self.links.get(effect.conn)) is not None:
-                if effect.conn == origin:
-                    # Not a direct send: deliveries must reach the runtime in seq order, and
-                    # other tasks queue theirs (see `Link.send_in_turn`).
-                    await link.send_in_turn(frames)
-                else:
-                    for frame in frames:
-                        link.enqueue(frame)
-            self.metrics.frames.sent[Channel.INPUT] += len(frames)
         elif isinstance(effect, ArmTimer):
             self.timers.arm(effect.run_id, effect.deadline)
         elif isinstance(effect, CloseConnection):
@@ -277,6 +270,31 @@ class Gateway:
                           "within %g s", effect.record.run_id, STORE_ANSWER_WAIT_S)
         else:  # pragma: no cover - every effect type is handled above
             raise TypeError(f"unhandled effect {type(effect).__name__}")
+
+    def _queue_deliveries(self, effects: Iterable[Effect], origin: int | None) -> list[Any]:
+        """The effects, with each input delivery put in its link's queue now, as decided.
+
+        Called as soon as the core decides, before anything is awaited: deliveries then reach
+        the runtime in the order the core made them, whichever task made them. Carried out in
+        turn, one waiting in this task behind an awaited store read would be overtaken by a later
+        one another task (the platform posting) sent at once, and the runtime, which drops a seq
+        below the highest it saw, would never handle it. The connection's own task still waits,
+        in order, for its deliveries to be sent (`_Queued`), as it did for a direct send.
+        """
+        out: list[Any] = []
+        for effect in effects:
+            if type(effect) is not DeliverInputs:
+                out.append(effect)
+                continue
+            frames = self._delivery_frames(effect.delivery_id, effect.delivery)
+            self.metrics.frames.sent[Channel.INPUT] += len(frames)
+            if (link := self.links.get(effect.conn)) is None:
+                continue
+            for frame in frames:
+                link.enqueue(frame)
+            if effect.conn == origin:
+                out.append(_Queued(effect.conn, link, link.queued))
+        return out
 
     def _oversized(self, frame: str, request_id: str) -> str | None:
         """The error frame to send instead of a reply over `maxFrameBytes`, or None if it fits.
@@ -318,9 +336,9 @@ class Gateway:
     def _direct(self, conn: int, frame: str, origin: int | None) -> Link | None:
         """The link to send `frame` on from this task; None if it was queued or has no link.
 
-        Only the connection's own task sends directly (its replies; its input deliveries take
-        their turn in the queue instead); other tasks queue. Not a coroutine, so the reply path
-        awaits one coroutine less.
+        Only the connection's own task sends directly (its replies; its input deliveries are
+        queued as decided, see `_queue_deliveries`); other tasks queue. Not a coroutine, so the
+        reply path awaits one coroutine less.
         """
         link = self.links.get(conn)
         if link is None or conn == origin:
@@ -621,6 +639,15 @@ class Gateway:
             capabilities=tuple(sorted(c.value for c in record.capabilities)),
             connected=False,
         )
+
+
+@frozen
+class _Queued:
+    """Where the connection's own task waits for an input delivery it queued to be sent."""
+
+    conn: int
+    link: Link
+    upto: int  # the writer has sent it once it has sent this many frames
 
 
 _STORE_EFFECTS = frozenset({ClaimEpoch, AppendOutputs, ReadKV, WriteKV, ReadInputs, AckInputs})

@@ -827,3 +827,50 @@ async def test_a_delivery_split_into_frames_is_not_overtaken_by_a_later_one(
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
         assert peer.delivered() == [0, 1, 2]
+
+
+async def test_a_delivery_decided_first_is_sent_first_whichever_task_decided_it(
+    tmp_path: Path,
+) -> None:
+    """A recover redelivers to each run in turn; the platform's posts must not jump the line.
+
+    The connection's own task read the sub-run's unacked input while it was still waiting for
+    the runtime to take the main run's redelivery, so the sub-run's delivery waited behind it
+    in that task. Meanwhile the platform posted the sub-run another input, which its task
+    delivered at once: the runtime saw the sub-run's seq 1 before its seq 0 (and the client
+    drops a seq below the highest seen, acknowledging past it). Found by a randomized shell
+    explorer (recovers of main runs with sub-runs, slow readers, the platform posting).
+    """
+    async with gateway_for_test(tmp_path) as h:
+        main, token = await h.create_run()
+        posted = await h.http.post("/v1/runs", json={
+            "capabilities": [], "secrets": {}, "config": {}, "mainRunId": main})
+        assert posted.status_code == 201, posted.text
+        sub = posted.json()["runId"]
+        async with h.wire(token) as wire:  # a connection that drops, leaving both recoverable
+            session_id = (await wire.attach(main, connectionEpoch=1))["sessionId"]
+            await wire.attach(sub, connectionEpoch=1)
+        service = h.running.service
+        now = service.clock.now()
+        for run_id in (main, sub):
+            await service.post_inputs(run_id, [NewInput(f"{run_id}-0", "t", {}, now)])
+        peer = PeerReadingLater()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.serve_connection, peer, main)
+                recover = {"sessionId": session_id, "mainRunId": main, "subRunIds": [sub],
+                           "connectionEpoch": 2}
+                await peer.inbox.send(json.dumps({"channel": RECOVER, "id": "r1",
+                                                  "payload": recover}))
+                await peer.stuck.wait()  # the main run's redelivery is on its way
+                await trio.testing.wait_all_tasks_blocked()  # the sub-run's input was read
+                await service.post_inputs(sub, [NewInput(f"{sub}-1", "t", {}, now)])
+                await trio.testing.wait_all_tasks_blocked()
+                peer.reading.set()
+                while len(peer.delivered()) < 3:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert peer.sent[0]["payload"] == {"accepted": True}
+        subs = [e["seq"] for frame in peer.sent if frame["channel"] == INPUT
+                and frame["payload"]["runId"] == sub for e in frame["payload"]["events"]]
+        assert subs == [0, 1]
