@@ -211,7 +211,14 @@ class Gateway:
                     ticket = cast(StoreEffect, effect).ticket
                     answer = await self._answer(cast(StoreEffect, effect))
                     answered = self.hub.handle(StoreAnswered(ticket, answer, self.clock.now()))
-                    queue.extend(self._queue_deliveries(answered, origin))
+                    for item in self._queue_deliveries(answered, origin):
+                        if type(item) is _Queued:
+                            # Waited for before the effects already queued (a recover's reads
+                            # of its other runs): the link's queue is bounded, and a runtime
+                            # that reads, only not at store speed, must not be closed 4003.
+                            queue.appendleft(item)
+                        else:
+                            queue.append(item)
                 elif kind is _Queued:
                     queued = cast(_Queued, effect)
                     await queued.link.written(queued.upto)
@@ -278,8 +285,9 @@ class Gateway:
         the runtime in the order the core made them, whichever task made them. Carried out in
         turn, one waiting in this task behind an awaited store read would be overtaken by a later
         one another task (the platform posting) sent at once, and the runtime, which drops a seq
-        below the highest it saw, would never handle it. The connection's own task still waits,
-        in order, for its deliveries to be sent (`_Queued`), as it did for a direct send.
+        below the highest it saw, would never handle it. The connection's own task still waits
+        for each of its deliveries to be sent (`_Queued`) before it goes on, as it did for a
+        direct send.
         """
         out: list[Any] = []
         for effect in effects:

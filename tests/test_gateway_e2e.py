@@ -874,3 +874,65 @@ async def test_a_delivery_decided_first_is_sent_first_whichever_task_decided_it(
         subs = [e["seq"] for frame in peer.sent if frame["channel"] == INPUT
                 and frame["payload"]["runId"] == sub for e in frame["payload"]["events"]]
         assert subs == [0, 1]
+
+
+async def test_a_recover_of_more_runs_than_the_queue_holds_is_not_closed_as_a_slow_consumer(
+    tmp_path: Path,
+) -> None:
+    """A recover's redeliveries go through the link's bounded queue one batch at a time.
+
+    The connection's own task read every run's unacked inputs before waiting for the first
+    delivery to be sent, queuing one delivery per run at store speed: a recover of more runs
+    than `--outbound-queue` holds filled the queue before the runtime could take a frame, and
+    the runtime, reading all along, was closed 4003 (again on every retry of the recover). When
+    those deliveries were sent directly, the task waited for each. Found by review of the change
+    that queues them as decided.
+    """
+    async with gateway_for_test(tmp_path, outbound_queue=2) as h:
+        main, token = await h.create_run()
+        subs = []
+        for _ in range(3):
+            posted = await h.http.post("/v1/runs", json={
+                "capabilities": [], "secrets": {}, "config": {}, "mainRunId": main})
+            assert posted.status_code == 201, posted.text
+            subs.append(posted.json()["runId"])
+        async with h.wire(token) as wire:  # a connection that drops, leaving all recoverable
+            session_id = (await wire.attach(main, connectionEpoch=1))["sessionId"]
+            for sub in subs:
+                await wire.attach(sub, connectionEpoch=1)
+        service = h.running.service
+        now = service.clock.now()
+        stored = {}
+        for run_id in (main, *subs):
+            await service.post_inputs(run_id, [NewInput(f"{run_id}-0", "t", {}, now)])
+            stored[run_id] = await service.store.read_inputs(run_id, -1, 100)
+        read_inputs = service.store.read_inputs
+
+        async def read_without_threads(run_id: str, after_seq: int, limit: int) -> Any:
+            # What the store answers, without a worker thread: wait_all_tasks_blocked then
+            # means every read the gateway could start has been answered.
+            await trio.lowlevel.checkpoint()
+            return tuple(e for e in stored[run_id] if e.seq > after_seq)[:limit]
+
+        setattr(service.store, "read_inputs", read_without_threads)  # noqa: B010
+        peer = PeerReadingLater()
+        try:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(service.serve_connection, peer, main)
+                    recover = {"sessionId": session_id, "mainRunId": main, "subRunIds": subs,
+                               "connectionEpoch": 2}
+                    await peer.inbox.send(json.dumps({"channel": RECOVER, "id": "r1",
+                                                      "payload": recover}))
+                    await peer.stuck.wait()  # the main run's redelivery is on its way
+                    await trio.testing.wait_all_tasks_blocked()
+                    peer.reading.set()  # a runtime that reads, only not at store speed
+                    while len(peer.delivered()) < 4 and service.links:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+        finally:
+            setattr(service.store, "read_inputs", read_inputs)  # noqa: B010
+        assert not peer.torn, "the connection was closed 4003 mid-delivery"
+        assert peer.sent[0]["payload"] == {"accepted": True}
+        runs = [frame["payload"]["runId"] for frame in peer.sent if frame["channel"] == INPUT]
+        assert runs == [main, *subs]
