@@ -157,9 +157,10 @@ class Link:
     def _queue(self) -> trio.MemorySendChannel[str] | None:
         """The writer's queue, made with the writer task on first use; None once it is too late.
 
-        The connection's task cancels its nursery before leaving it, and a nursery that is done
-        takes no new task, so a cancelled connection gets no writer: it is ending anyway (the
-        drain, for one, may close a link whose task has not yet left its nursery).
+        A nursery that is done takes no new task. The connection's task leaves its nursery
+        only once it is cancelled, or once a close was decided (the writer then ends it, and
+        callers check `closing` first), so a cancelled connection gets no writer: it is ending
+        anyway (the drain, for one, may close a link whose task has not yet left its nursery).
         """
         if self._outbox is None:
             if self.scope.cancel_called:
