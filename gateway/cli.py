@@ -39,7 +39,8 @@ HELP = {
     "command_rate": "commands per second allowed per connection (sustained)",
     "command_burst": "commands allowed per connection in a burst",
     "max_frame_bytes": "largest frame accepted (bigger: payload_too_large; twice this: close 1009)",
-    "outbound_queue": "frames queued per connection before a non-reading runtime is closed (4003)",
+    "outbound_queue": "frames queued for a connection by other tasks before a non-reading runtime "
+    "is closed (4003)",
     "send_timeout_s": "seconds a send may wait on a runtime that is not reading (then: 4003)",
     "max_sessions": "most runtime connections at once; more are refused with HTTP 503",
     "max_connections_per_run": "most runtime connections one run's token may hold at once; more "

@@ -3,8 +3,9 @@
 Frames answering the connection's own commands are sent straight from its own task (a channel
 hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
 (input deliveries posted by the platform, a close for a superseded connection) go through a
-bounded queue that the connection's writer task drains. Input deliveries from the own task take
-that queue too, queued as the core decides them: the runtime must get them in seq order.
+queue that the connection's writer task drains, bounded for them. Input deliveries from the own
+task take that queue too, queued as the core decides them: the runtime must get them in seq order.
+They do not count toward the bound, since the own task waits for them to be sent.
 The queue and the writer are made when first needed: most connections never need them, and idle
 sessions are what a gateway holds.
 
@@ -18,6 +19,7 @@ as the rest of a heartbeat's own work. Each link notes when its send began, and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import trio
@@ -33,6 +35,8 @@ class Link:
         "_capacity",
         "_now",
         "_nursery",
+        "_others_queued",
+        "_others_taken",
         "_outbox",
         "_queued",
         "_send_ended",
@@ -64,9 +68,12 @@ class Link:
         self._nursery = nursery
         self._now = now  # trio's clock; the gateway passes its direct reader (`Clock.trio_now`)
         self._capacity = capacity
-        self._outbox: trio.MemorySendChannel[str] | None = None
+        # Each frame is queued with whether the connection's own task queued it (see `enqueue`).
+        self._outbox: trio.MemorySendChannel[tuple[str, bool]] | None = None
         self._queued = 0  # frames put in the queue so far,
         self._written = 0  # and those of them the writer has sent
+        self._others_queued = 0  # frames other tasks queued,
+        self._others_taken = 0  # and those of them the writer has taken out
         self._sent_queued: trio.Event | None = None  # set when the writer sends one, if awaited
         # When the connection's own task began the send it is in the middle of (trio clock).
         self.sending_since: float | None = None
@@ -102,18 +109,28 @@ class Link:
             since = self.writing_since
         return since is not None and now - since >= self.send_timeout_s
 
-    def enqueue(self, frame: str) -> None:
-        """Send from another task without waiting; a full queue means the runtime is not reading."""
+    def enqueue(self, frame: str, *, own: bool = False) -> None:
+        """Send without waiting; other tasks' frames past the capacity mean the runtime is slow.
+
+        Only other tasks' frames count toward the capacity: the connection's own task (`own`)
+        waits for its frames to be sent (`written`) before it reads more, so its share is bounded
+        by one delivery, however many frames that delivery was split into. Counting it would
+        close a runtime that is reading (4003) for a redelivery split into more frames than the
+        queue holds.
+        """
         if self.closing:
+            return
+        if not own and self._others_queued - self._others_taken >= self._capacity:
+            self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
             return
         queue = self._queue()
         if queue is None:
             return  # the connection is ending; what the frame carried is durable
         try:
-            queue.send_nowait(frame)
+            queue.send_nowait((frame, own))  # never blocks: the buffer is unbounded
             self._queued += 1
-        except trio.WouldBlock:
-            self.abort(CloseCode.SLOW_CONSUMER, "the runtime is not reading its frames")
+            if not own:
+                self._others_queued += 1
         except trio.BrokenResourceError:
             # The writer stopped on a failed send (the peer is gone) and the connection is
             # being torn down: drop the frame. What it carried is durable (inputs are
@@ -154,7 +171,7 @@ class Link:
                 self._outbox.close()
         self.scope.cancel()
 
-    def _queue(self) -> trio.MemorySendChannel[str] | None:
+    def _queue(self) -> trio.MemorySendChannel[tuple[str, bool]] | None:
         """The writer's queue, made with the writer task on first use; None once it is too late.
 
         A nursery that is done takes no new task. The connection's task leaves its nursery
@@ -165,14 +182,17 @@ class Link:
         if self._outbox is None:
             if self.scope.cancel_called:
                 return None
-            self._outbox, inbox = trio.open_memory_channel[str](self._capacity)
+            # Unbounded: `enqueue` bounds other tasks' frames itself, and the own task's by waiting.
+            self._outbox, inbox = trio.open_memory_channel[tuple[str, bool]](math.inf)
             self._nursery.start_soon(self._write_queued, inbox)
         return self._outbox
 
-    async def _write_queued(self, inbox: trio.MemoryReceiveChannel[str]) -> None:
+    async def _write_queued(self, inbox: trio.MemoryReceiveChannel[tuple[str, bool]]) -> None:
         """The writer task: drain the queue until a close is decided, then end the connection."""
         async with inbox:
-            async for frame in inbox:
+            async for frame, own in inbox:
+                if not own:
+                    self._others_taken += 1
                 # Watched like a direct send: a peer that stops reading before the queue fills
                 # would otherwise hold the queued frames, and any close waiting behind them.
                 self.writing_since = self._now()

@@ -299,7 +299,7 @@ class Gateway:
             if (link := self.links.get(effect.conn)) is None:
                 continue
             for frame in frames:
-                link.enqueue(frame)
+                link.enqueue(frame, own=effect.conn == origin)
             if effect.conn == origin:
                 out.append(_Queued(effect.conn, link, link.queued))
         return out

@@ -936,3 +936,34 @@ async def test_a_recover_of_more_runs_than_the_queue_holds_is_not_closed_as_a_sl
         assert peer.sent[0]["payload"] == {"accepted": True}
         runs = [frame["payload"]["runId"] for frame in peer.sent if frame["channel"] == INPUT]
         assert runs == [main, *subs]
+
+
+async def test_a_delivery_split_into_more_frames_than_the_queue_holds_reaches_a_reading_runtime(
+    tmp_path: Path,
+) -> None:
+    """The connection's own frames do not count toward `--outbound-queue`: it waits for them.
+
+    A redelivery split into three frames went into a queue of one frame all at once, before the
+    writer could take any: the runtime, reading all along, was closed 4003 as a slow consumer,
+    and again on every reconnect. Found by reviewing the change that queues every delivery.
+    """
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096, outbound_queue=1) as h:
+        run_id, _ = await h.create_run()
+        service = h.running.service
+        now = service.clock.now()
+        await service.post_inputs(run_id, [
+            NewInput(f"in-{n}", "chunk", {"text": "x" * 2500}, now) for n in range(3)])
+        peer = PeerReadingLater()
+        peer.reading.set()  # a runtime that takes every frame at once
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.serve_connection, peer, run_id)
+                attach = {"runId": run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}
+                await peer.inbox.send(json.dumps({"channel": "runtime.session.attach.command",
+                                                  "id": "a1", "payload": attach}))
+                while len(peer.delivered()) < 3 and peer.close_code is None:
+                    await trio.sleep(0.01)
+                closed = peer.close_code  # before the test's own cancel closes it (1000)
+                nursery.cancel_scope.cancel()
+        assert closed is None
+        assert peer.delivered() == [0, 1, 2]
