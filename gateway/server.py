@@ -70,6 +70,9 @@ class RuntimeEndpoint:
         # Connections each run's token holds, from admission to the end: one token (one runtime,
         # running code it was handed) must not take every slot of --max-sessions from the others.
         self.held: Counter[str] = Counter()
+        # Never more than half of --max-sessions either: a small gateway (or one the fd limit
+        # shrank) would otherwise have a cap above its capacity, which stops no one.
+        self.run_cap = min(settings.max_connections_per_run, max(1, settings.max_sessions // 2))
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: one call per handshake, for the connection's whole life."""
@@ -130,7 +133,7 @@ class RuntimeEndpoint:
                 "unauthorized",
                 "send Authorization: Bearer <the runtime token issued for your run>",
             )
-        elif self.held[principal] >= self.settings.max_connections_per_run:
+        elif self.held[principal] >= self.run_cap:
             await _reject(
                 request,
                 503,

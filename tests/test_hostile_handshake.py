@@ -385,12 +385,24 @@ async def test_a_runtime_hanging_up_mid_handshake_is_not_a_gateway_failure(
     assert endpoint.admitting == 0 and not gateway.links
 
 
-async def test_one_runs_token_cannot_take_every_connection(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_sessions": 4, "max_connections_per_run": 2},
+        # The default cap (512) is above this gateway's capacity: half of it applies instead.
+        {"max_sessions": 4},
+    ],
+    ids=["per-run-flag", "half-of-max-sessions"],
+)
+async def test_one_runs_token_cannot_take_every_connection(
+    tmp_path: Path, limits: dict[str, int]
+) -> None:
     """A run's token admitted any number of connections, up to --max-sessions: one runtime (which
     runs code it was handed) could hold every slot, and every other run's runtime got 503. Past
-    --max-connections-per-run its handshakes are refused (503, retry later) and other runs'
-    runtimes are still admitted; once its connections close, the token is admitted again."""
-    async with gateway_for_test(tmp_path, max_sessions=4, max_connections_per_run=2) as h:
+    --max-connections-per-run, or half of --max-sessions, its handshakes are refused (503, retry
+    later) and other runs' runtimes are still admitted; once its connections close, the token is
+    admitted again."""
+    async with gateway_for_test(tmp_path, **limits) as h:
         run_a, token_a = await h.create_run()
         run_b, token_b = await h.create_run()
         lost: list[str] = []
