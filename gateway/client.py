@@ -643,6 +643,14 @@ class GatewaySession:
             superseded = Superseded(f"run {self.run_id}: {error.message} (stale_epoch)")
             link.kill("stale epoch", failure=superseded)
             self._fail(superseded)
+        elif error.code is ErrorCode.FORBIDDEN_RUN:
+            # Answered after this link attached the run, so the token could act on it: the run
+            # was revoked since. A sub-run attached on its main run's token learns it only this
+            # way (its link stays open for the main run: no 4002), and would otherwise stay
+            # "attached", heartbeating into refusals, with inputs() never ending.
+            revoked = Revoked(f"run {self.run_id} was revoked (forbidden_run)")
+            link.kill("revoked", failure=revoked)
+            self._fail(revoked)
         return False
 
     # --- connections ------------------------------------------------------------------------

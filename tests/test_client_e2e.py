@@ -196,6 +196,26 @@ async def test_revoking_the_run_stops_the_client(tmp_path: Path) -> None:
                 await s.get_config()
 
 
+async def test_revoking_a_sub_run_stops_its_client_on_the_main_runs_token(
+    tmp_path: Path,
+) -> None:
+    # A main run's token acts for its sub-runs, and revoking only the sub-run leaves that
+    # token's link open (no 4002): the client hears forbidden_run instead, and must stop as
+    # revoked, not stay attached heartbeating into refusals with its inputs() never ending.
+    async with gateway_for_test(tmp_path) as h:
+        main_id, token = await h.create_run()
+        sub_id, _ = await h.create_run(mainRunId=main_id)
+        async with client(h, token, sub_id) as s:
+            await s.kv_set({"step": "1"})
+            assert (await h.http.delete(f"/v1/runs/{sub_id}")).status_code == 204
+            with pytest.raises(Revoked):
+                await s.get_config()
+            assert s.state == "closed"
+            assert isinstance(s.failure, Revoked)
+            with pytest.raises(Revoked):
+                await take(s, 1)
+
+
 async def test_a_higher_epoch_supersedes_the_old_client(tmp_path: Path) -> None:
     async with gateway_for_test(tmp_path) as h:
         run_id, token = await h.create_run(capabilities=ALL)
