@@ -565,6 +565,11 @@ class Hub:
             reply = ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
         elif isinstance(answer, KVRead):
             reply = GetKVResponse(answer.kv)
+        elif pending.run_ids[0] not in self.sessions and _fenced(answer):
+            # The run was revoked while the write waited on the store, which refused it: the
+            # answer the command gets had the revoke come first (not stale_epoch, which tells a
+            # runtime another instance took the run). Revocation alone removes a session.
+            reply = _forbidden_run()
         elif isinstance(answer, OutputsAppended):
             reply = self._append_reply(answer)
         elif isinstance(answer, Written) and answer.fenced:
@@ -650,6 +655,13 @@ class Hub:
         else:
             # No retry loop against a failing store: the next post or re-attach pumps again.
             session.input_read_failed(event.ticket)
+
+
+def _fenced(answer: Any) -> bool:
+    """Whether the store refused a write for its epoch (or because the run is revoked)."""
+    if isinstance(answer, OutputsAppended):
+        return answer.outcome is AppendOutcome.FENCED
+    return isinstance(answer, Written) and answer.fenced
 
 
 def _forbidden_run() -> ErrorPayload:

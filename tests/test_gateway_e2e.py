@@ -452,6 +452,53 @@ async def test_revocation_closes_the_connection(tmp_path: Path) -> None:
             assert close_code(closed.value) == 4002
 
 
+@pytest.mark.parametrize("write", ["publish", "kv.set"])
+async def test_a_write_waiting_on_the_store_when_its_sub_run_is_revoked_is_not_stored(
+    tmp_path: Path, write: str
+) -> None:
+    # The sub-run rides on its main run's connection, which stays open after the sub-run's
+    # revoke. A write the core decided before hearing of the revoke reaches the store after the
+    # revoke committed (here held at the store's door until the platform has its 204): it must
+    # be refused there, not stored for a dead run and answered accepted after the revoke.
+    async with gateway_for_test(tmp_path) as h:
+        main_id, token = await h.create_run(capabilities=["kv.read", "kv.write"])
+        sub_id, _ = await h.create_run(capabilities=["kv.read", "kv.write"], mainRunId=main_id)
+        store = h.running.service.store
+        at_door, revoked = trio.Event(), trio.Event()
+        name = "append_outputs" if write == "publish" else "kv_set"
+        original = getattr(store, name)
+
+        async def held(run_id: str, *args: Any) -> Any:
+            if run_id == sub_id:
+                at_door.set()
+                await revoked.wait()
+            return await original(run_id, *args)
+
+        setattr(store, name, held)
+        async with h.wire(token) as wire:
+            await wire.attach(main_id, connectionEpoch=1)
+            sub = await wire.attach(sub_id, connectionEpoch=1, capabilities=["kv.write"])
+            ids = {"sessionId": sub["sessionId"], "runId": sub_id}
+            if write == "publish":
+                event = {"eventId": "late", "seq": 0, "type": "t", "data": {},
+                         "timestamp": "2026-01-01T00:00:00.000Z"}
+                request = await wire.send(OUTPUT, {**ids, "events": [event]})
+            else:
+                request = await wire.send(KV_SET, {**ids, "kv": {"late": "1"}})
+            with trio.fail_after(10):
+                await at_door.wait()
+            assert (await h.http.delete(f"/v1/runs/{sub_id}")).status_code == 204
+            revoked.set()
+            answer = await wire.answer(request)
+            assert error_code(answer) == "forbidden_run"
+            # The main run's session on the same link goes on.
+            assert (await wire.call(HEARTBEAT, {"sessionId": (await wire.attach(
+                main_id, connectionEpoch=2))["sessionId"], "runId": main_id}))["channel"] \
+                == "runtime.session.heartbeat.reply"
+        assert await store.read_outputs(sub_id, -1, 10) == []
+        assert await store.kv_get(sub_id, ["late"]) == {}
+
+
 async def test_drain_tells_runtimes_to_reconnect(tmp_path: Path) -> None:
     async with gateway_for_test(tmp_path) as h:
         run_id, token = await h.create_run()

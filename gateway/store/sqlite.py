@@ -135,6 +135,12 @@ _SESSION_SELECT = (
 SQL_LIST_SESSIONS = _SESSION_SELECT + " ORDER BY s.run_id"
 SQL_GET_SESSION = _SESSION_SELECT + " AND s.run_id = ?"
 SQL_SESSION_EPOCH = "SELECT epoch FROM sessions WHERE run_id = ?"
+# A fenced write's epoch: none once the run is revoked, so a write already on its way when the
+# revoke committed (the core decided it before hearing of the revoke) stores nothing.
+SQL_WRITER_EPOCH = (
+    "SELECT s.epoch FROM sessions s JOIN runs r ON r.run_id = s.run_id"
+    " WHERE s.run_id = ? AND r.revoked_at IS NULL"
+)
 # The WHERE keeps a late save from a superseded session from overwriting a newer epoch.
 SQL_UPSERT_SESSION = (
     "INSERT INTO sessions (run_id, session_id, state, epoch, attempt_id, runtime_instance_id,"
@@ -316,8 +322,8 @@ def _op_save_session(record: SessionRecord, conn: sqlite3.Connection) -> None:
 
 
 def _fenced(conn: sqlite3.Connection, run_id: str, epoch: int) -> bool:
-    """Whether a write at `epoch` is refused: the run's session is at another epoch, or none."""
-    return bool(_scalar(conn, SQL_SESSION_EPOCH, (run_id,), None) != epoch)
+    """Whether a write at `epoch` is refused: the run's session is at another one, or none."""
+    return bool(_scalar(conn, SQL_WRITER_EPOCH, (run_id,), None) != epoch)
 
 
 def _op_append(
