@@ -678,13 +678,14 @@ async def test_handshakes_arriving_together_do_not_overshoot_max_sessions(tmp_pa
     """The capacity check is followed by a token lookup and the upgrade: handshakes in between
     count too, or a burst is admitted whole (8 of 8 with --max-sessions 2)."""
     async with gateway_for_test(tmp_path, max_sessions=2) as h:
-        _, token = await h.create_run()
+        # A run each: the per-run cap (half of --max-sessions) must not be what refuses them.
+        tokens = [(await h.create_run())[1] for _ in range(8)]
         accepted: list[int] = []
         refused: list[int] = []
         peak = 0
         release = trio.Event()
 
-        async def knock() -> None:
+        async def knock(token: str) -> None:
             try:
                 async with open_websocket_url(
                     h.running.runtime_url, ssl_context=h.ca.client_context(),
@@ -697,8 +698,8 @@ async def test_handshakes_arriving_together_do_not_overshoot_max_sessions(tmp_pa
 
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                for _ in range(8):
-                    nursery.start_soon(knock)
+                for token in tokens:
+                    nursery.start_soon(knock, token)
                 while len(accepted) + len(refused) < 8:
                     peak = max(peak, len(h.running.service.links))
                     await trio.sleep(0.005)
