@@ -3,9 +3,10 @@
 Frames answering the connection's own commands are sent straight from its own task (a channel
 hand-off would cost more than the rest of the frame's work). Frames that other tasks produce
 (input deliveries posted by the platform, a close for a superseded connection) go through a
-queue that the connection's writer task drains, bounded for them. Input deliveries from the own
-task take that queue too, queued as the core decides them: the runtime must get them in seq order.
-They do not count toward the bound, since the own task waits for them to be sent.
+queue that the connection's writer task drains, bounded for them (a delivery split into several
+frames goes in whole). Input deliveries from the own task take that queue too, queued as the core
+decides them: the runtime must get them in seq order. They do not count toward the bound, since
+the own task waits for them to be sent.
 The queue and the writer are made when first needed: most connections never need them, and idle
 sessions are what a gateway holds.
 
@@ -109,7 +110,7 @@ class Link:
             since = self.writing_since
         return since is not None and now - since >= self.send_timeout_s
 
-    def enqueue(self, frame: str, *, own: bool = False) -> None:
+    def enqueue(self, *frames: str, own: bool = False) -> None:
         """Send without waiting; other tasks' frames past the capacity mean the runtime is slow.
 
         Only other tasks' frames count toward the capacity: the connection's own task (`own`)
@@ -117,6 +118,12 @@ class Link:
         by one delivery, however many frames that delivery was split into. Counting it would
         close a runtime that is reading (4003) for a redelivery split into more frames than the
         queue holds.
+
+        The frames of one call (one delivery, split by size) go in whole, the capacity checked
+        before the first: they are queued at once, before the writer can take any, so checking
+        each would close a reading runtime for any delivery split into more frames than the
+        queue holds, the platform's posts as much as the own task's redeliveries. They still
+        count toward it for the frames queued after them.
         """
         if self.closing:
             return
@@ -125,12 +132,13 @@ class Link:
             return
         queue = self._queue()
         if queue is None:
-            return  # the connection is ending; what the frame carried is durable
+            return  # the connection is ending; what the frames carried is durable
         try:
-            queue.send_nowait((frame, own))  # never blocks: the buffer is unbounded
-            self._queued += 1
-            if not own:
-                self._others_queued += 1
+            for frame in frames:
+                queue.send_nowait((frame, own))  # never blocks: the buffer is unbounded
+                self._queued += 1
+                if not own:
+                    self._others_queued += 1
         except trio.BrokenResourceError:
             # The writer stopped on a failed send (the peer is gone) and the connection is
             # being torn down: drop the frame. What it carried is durable (inputs are

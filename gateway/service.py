@@ -298,8 +298,7 @@ class Gateway:
             self.metrics.frames.sent[Channel.INPUT] += len(frames)
             if (link := self.links.get(effect.conn)) is None:
                 continue
-            for frame in frames:
-                link.enqueue(frame, own=effect.conn == origin)
+            link.enqueue(*frames, own=effect.conn == origin)  # whole: see `Link.enqueue`
             if effect.conn == origin:
                 out.append(_Queued(effect.conn, link, link.queued))
         return out

@@ -1015,3 +1015,38 @@ async def test_a_delivery_split_into_more_frames_than_the_queue_holds_reaches_a_
                 nursery.cancel_scope.cancel()
         assert closed is None
         assert peer.delivered() == [0, 1, 2]
+
+
+async def test_a_posted_delivery_split_into_more_frames_than_the_queue_holds_reaches_the_runtime(
+    tmp_path: Path,
+) -> None:
+    """A delivery the platform's post sends goes into the queue whole, however it was split.
+
+    Its frames went in one by one, before the writer could take any, each checked against
+    `--outbound-queue`: a delivery split into more frames than the queue holds closed a reading
+    runtime 4003, on every such post. Found by reviewing the change that stopped counting the
+    connection's own frames (the same delivery, sent by another task).
+    """
+    async with gateway_for_test(tmp_path, max_frame_bytes=4096, outbound_queue=1) as h:
+        run_id, _ = await h.create_run()
+        service = h.running.service
+        peer = PeerReadingLater()
+        peer.reading.set()  # a runtime that takes every frame at once
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.serve_connection, peer, run_id)
+                attach = {"runId": run_id, "runtimeInstanceId": "rt-1", "protocolVersion": "v1"}
+                await peer.inbox.send(json.dumps({"channel": "runtime.session.attach.command",
+                                                  "id": "a1", "payload": attach}))
+                while not peer.sent:  # attached: the post's task delivers, not the connection's
+                    await trio.sleep(0.01)
+                now = service.clock.now()
+                await service.post_inputs(run_id, [
+                    NewInput(f"in-{n}", "chunk", {"text": "x" * 2500}, now) for n in range(3)])
+                while len(peer.delivered()) < 3 and peer.close_code is None:
+                    await trio.sleep(0.01)
+                closed = peer.close_code  # before the test's own cancel closes it (1000)
+                nursery.cancel_scope.cancel()
+        assert peer.sent[0]["payload"]["sessionId"]
+        assert closed is None
+        assert peer.delivered() == [0, 1, 2]
