@@ -565,10 +565,11 @@ class Hub:
             reply = ErrorPayload.of(ErrorCode.INTERNAL, "the store failed; retry")
         elif isinstance(answer, KVRead):
             reply = GetKVResponse(answer.kv)
-        elif pending.run_ids[0] not in self.sessions and _fenced(answer):
+        elif _revoked(answer) or (pending.run_ids[0] not in self.sessions and _fenced(answer)):
             # The run was revoked while the write waited on the store, which refused it: the
             # answer the command gets had the revoke come first (not stale_epoch, which tells a
-            # runtime another instance took the run). Revocation alone removes a session.
+            # runtime another instance took the run). The store says so itself, as the core may
+            # hear of the revoke only after this answer; else, revocation alone removes a session.
             reply = _forbidden_run()
         elif isinstance(answer, OutputsAppended):
             reply = self._append_reply(answer)
@@ -660,8 +661,15 @@ class Hub:
 def _fenced(answer: Any) -> bool:
     """Whether the store refused a write for its epoch (or because the run is revoked)."""
     if isinstance(answer, OutputsAppended):
-        return answer.outcome is AppendOutcome.FENCED
+        return answer.outcome in (AppendOutcome.FENCED, AppendOutcome.REVOKED)
     return isinstance(answer, Written) and answer.fenced
+
+
+def _revoked(answer: Any) -> bool:
+    """Whether the store refused a write because its run is revoked."""
+    if isinstance(answer, OutputsAppended):
+        return answer.outcome is AppendOutcome.REVOKED
+    return isinstance(answer, Written) and answer.revoked
 
 
 def _forbidden_run() -> ErrorPayload:

@@ -102,6 +102,7 @@ class AppendOutcome(enum.Enum):
 
     STORED = "stored"  # durable; events whose seq was already stored were skipped
     FENCED = "fenced"  # the run's epoch moved on: this connection was superseded
+    REVOKED = "revoked"  # the run was revoked (the core may not have heard yet); nothing stored
     SEQ_GAP = "seq_gap"  # the batch skips a seq; nothing was stored
     SEQ_CONFLICT = "seq_conflict"  # a stored seq came again with another eventId; nothing stored
 
@@ -136,6 +137,9 @@ class Written:
     """Answer to an epoch-fenced write (`WriteKV`, `AckInputs`)."""
 
     fenced: bool
+    # Fenced because the run was revoked: told apart, as the core may hear of the revoke only
+    # after this answer (both wake in one turn when a group commit holds the revoke and the write).
+    revoked: bool = False
 
 
 @frozen

@@ -499,6 +499,59 @@ async def test_a_write_waiting_on_the_store_when_its_sub_run_is_revoked_is_not_s
         assert await store.kv_get(sub_id, ["late"]) == {}
 
 
+@pytest.mark.parametrize("write", ["publish", "kv.set"])
+async def test_a_write_the_store_refuses_for_a_revoke_the_core_has_not_heard_of_is_forbidden(
+    tmp_path: Path, write: str
+) -> None:
+    # The revoke and the write commit in one group (the revoke first) and both tasks wake in
+    # the same turn, which trio may run in either order: here the write's answer reaches the
+    # core before the revoke does. The store refused it for the revoke, not for an epoch, so the
+    # runtime must hear forbidden_run (its run is gone), not stale_epoch (another instance
+    # took it), which a client takes as superseded.
+    async with gateway_for_test(tmp_path) as h:
+        main_id, token = await h.create_run(capabilities=["kv.read", "kv.write"])
+        sub_id, _ = await h.create_run(capabilities=["kv.read", "kv.write"], mainRunId=main_id)
+        store = h.running.service.store
+        at_door, committed, answered = trio.Event(), trio.Event(), trio.Event()
+        name = "append_outputs" if write == "publish" else "kv_set"
+        original, revoke_run = getattr(store, name), store.revoke_run
+
+        async def held(run_id: str, *args: Any) -> Any:
+            if run_id != sub_id:
+                return await original(run_id, *args)
+            at_door.set()
+            await committed.wait()
+            try:
+                return await original(run_id, *args)
+            finally:
+                answered.set()  # the core hears this answer before this task yields again
+
+        async def revoke_heard_late(run_id: str) -> bool:
+            revoked = await revoke_run(run_id)
+            committed.set()
+            await answered.wait()
+            return revoked
+
+        setattr(store, name, held)
+        setattr(store, "revoke_run", revoke_heard_late)  # noqa: B010
+        async with h.wire(token) as wire:
+            await wire.attach(main_id, connectionEpoch=1)
+            sub = await wire.attach(sub_id, connectionEpoch=1, capabilities=["kv.write"])
+            ids = {"sessionId": sub["sessionId"], "runId": sub_id}
+            if write == "publish":
+                event = {"eventId": "late", "seq": 0, "type": "t", "data": {},
+                         "timestamp": "2026-01-01T00:00:00.000Z"}
+                request = await wire.send(OUTPUT, {**ids, "events": [event]})
+            else:
+                request = await wire.send(KV_SET, {**ids, "kv": {"late": "1"}})
+            with trio.fail_after(10):
+                await at_door.wait()
+            assert (await h.http.delete(f"/v1/runs/{sub_id}")).status_code == 204
+            assert error_code(await wire.answer(request)) == "forbidden_run"
+        assert await store.read_outputs(sub_id, -1, 10) == []
+        assert await store.kv_get(sub_id, ["late"]) == {}
+
+
 async def test_drain_tells_runtimes_to_reconnect(tmp_path: Path) -> None:
     async with gateway_for_test(tmp_path) as h:
         run_id, token = await h.create_run()

@@ -309,6 +309,19 @@ async def test_writes_without_a_session_are_fenced(store: SQLiteStore) -> None:
     assert await store.ack_inputs("r", 0, 0) == Written(fenced=True)
 
 
+async def test_writes_of_a_revoked_run_are_refused_as_revoked(store: SQLiteStore) -> None:
+    # Told apart from an epoch fence: the core may hear of the revoke only after this answer,
+    # and must then answer forbidden_run, not stale_epoch.
+    await attached(store, "r", epoch=1)
+    await store.post_inputs("r", inputs(2))
+    await store.revoke_run("r")
+    refused = await store.append_outputs("r", 1, events(0, 1))
+    assert (refused.outcome, refused.expected_seq) == (AppendOutcome.REVOKED, 0)
+    assert await store.kv_set("r", 1, {"k": "v"}) == Written(fenced=True, revoked=True)
+    assert await store.ack_inputs("r", 1, 0) == Written(fenced=True, revoked=True)
+    assert await store.count_outputs("r") == 0
+
+
 async def test_count_outputs_in_all_runs(store: SQLiteStore) -> None:
     await attached(store, "a")
     await attached(store, "b")

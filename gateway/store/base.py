@@ -5,7 +5,8 @@ sync setting): the gateway sends "accepted" to a runtime or the platform only af
 returns, so a crash can never lose something a client was told is stored. Epoch-fenced writes
 (`append_outputs`, `kv_set`, `ack_inputs`) are refused once the run's stored session epoch differs
 from the writer's: that is what keeps a superseded runtime from writing, even across gateways.
-They are refused too once the run is revoked, so nothing is stored for it after the revoke.
+They are refused too once the run is revoked, so nothing is stored for it after the revoke, and
+the answer says so (`AppendOutcome.REVOKED`, `Written.revoked`).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class Store(Protocol):
     ) -> OutputsAppended:
         """Append a batch to the run's output log in one transaction, fenced by `epoch`.
 
-        FENCED if the stored session epoch is not `epoch` or the run is revoked. Events whose seq
+        FENCED if the stored session epoch is not `epoch`, REVOKED if the run is revoked (refused
+        too, and told apart: the core may hear of the revoke after this answer). Events whose seq
         is already stored are skipped (an idempotent re-publish); the rest must continue the log
         contiguously (the first seq is 0) and the batch must be strictly increasing, else SEQ_GAP
         and nothing is stored.

@@ -326,13 +326,19 @@ def _fenced(conn: sqlite3.Connection, run_id: str, epoch: int) -> bool:
     return bool(_scalar(conn, SQL_WRITER_EPOCH, (run_id,), None) != epoch)
 
 
+def _revoked(conn: sqlite3.Connection, run_id: str) -> bool:
+    """Whether a fenced write was refused because its run is revoked (asked only once refused)."""
+    return conn.execute(SQL_LIVE_RUN, (run_id,)).fetchone() is None
+
+
 def _op_append(
     run_id: str, epoch: int, events: Sequence[OutputEvent], conn: sqlite3.Connection
 ) -> OutputsAppended:
     """Append the new part of a batch, or nothing if it is fenced, leaves a gap or conflicts."""
     last: int = _scalar(conn, SQL_LAST_OUTPUT, (run_id,), -1)
     if _fenced(conn, run_id, epoch):
-        return OutputsAppended(AppendOutcome.FENCED, last + 1)
+        outcome = AppendOutcome.REVOKED if _revoked(conn, run_id) else AppendOutcome.FENCED
+        return OutputsAppended(outcome, last + 1)
     gap = OutputsAppended(AppendOutcome.SEQ_GAP, last + 1)
     rows: list[tuple[str, int, str, str, str, int]] = []
     republished: dict[int, str] = {}
@@ -366,7 +372,7 @@ def _conflicting(conn: sqlite3.Connection, run_id: str, republished: dict[int, s
 def _op_kv_set(run_id: str, epoch: int, kv: Mapping[str, str], conn: sqlite3.Connection) -> Written:
     """Upsert the keys unless the writer's epoch is stale."""
     if _fenced(conn, run_id, epoch):
-        return Written(fenced=True)
+        return Written(fenced=True, revoked=_revoked(conn, run_id))
     conn.executemany(SQL_UPSERT_KV, [(run_id, key, value) for key, value in kv.items()])
     return Written(fenced=False)
 
@@ -408,7 +414,7 @@ def _same_json(stored: Any, posted: Any) -> bool:
 def _op_ack(run_id: str, epoch: int, seq: int, conn: sqlite3.Connection) -> Written:
     """Raise the run's acked input seq (never lower it) unless the writer's epoch is stale."""
     if _fenced(conn, run_id, epoch):
-        return Written(fenced=True)
+        return Written(fenced=True, revoked=_revoked(conn, run_id))
     conn.execute(SQL_ACK, (run_id, seq))
     return Written(fenced=False)
 
