@@ -43,8 +43,8 @@ HELP = {
     "is closed (4003)",
     "send_timeout_s": "seconds a send may wait on a runtime that is not reading (then: 4003)",
     "max_sessions": "most runtime connections at once; more are refused with HTTP 503",
-    "max_connections_per_run": "most runtime connections one run's token may hold at once; more "
-    "are refused with HTTP 503",
+    "max_connections_per_run": "most runtime connections one run's token may hold at once (never "
+    "more than half of --max-sessions); more are refused with HTTP 503",
     "handshake_timeout_s": "seconds a client has to finish the WebSocket handshake",
     "drain_timeout_s": "seconds a drain (SIGTERM/SIGINT) waits for connections before closing them",
     "store_sync": "SQLite synchronous: full (survives power loss) or normal (survives crashes)",
