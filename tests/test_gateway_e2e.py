@@ -452,6 +452,25 @@ async def test_revocation_closes_the_connection(tmp_path: Path) -> None:
             assert close_code(closed.value) == 4002
 
 
+async def _write_held_at_the_store(
+    wire: Wire, main_id: str, sub_id: str, write: str, at_door: trio.Event
+) -> str:
+    """Attach the main run and its sub-run on one link, send the sub-run's write (`publish` or
+    `kv.set`), and return its request id once the store holds it at its door."""
+    await wire.attach(main_id, connectionEpoch=1)
+    sub = await wire.attach(sub_id, connectionEpoch=1, capabilities=["kv.write"])
+    ids = {"sessionId": sub["sessionId"], "runId": sub_id}
+    if write == "publish":
+        event = {"eventId": "late", "seq": 0, "type": "t", "data": {},
+                 "timestamp": "2026-01-01T00:00:00.000Z"}
+        request = await wire.send(OUTPUT, {**ids, "events": [event]})
+    else:
+        request = await wire.send(KV_SET, {**ids, "kv": {"late": "1"}})
+    with trio.fail_after(10):
+        await at_door.wait()
+    return request
+
+
 @pytest.mark.parametrize("write", ["publish", "kv.set"])
 async def test_a_write_waiting_on_the_store_when_its_sub_run_is_revoked_is_not_stored(
     tmp_path: Path, write: str
@@ -476,17 +495,7 @@ async def test_a_write_waiting_on_the_store_when_its_sub_run_is_revoked_is_not_s
 
         setattr(store, name, held)
         async with h.wire(token) as wire:
-            await wire.attach(main_id, connectionEpoch=1)
-            sub = await wire.attach(sub_id, connectionEpoch=1, capabilities=["kv.write"])
-            ids = {"sessionId": sub["sessionId"], "runId": sub_id}
-            if write == "publish":
-                event = {"eventId": "late", "seq": 0, "type": "t", "data": {},
-                         "timestamp": "2026-01-01T00:00:00.000Z"}
-                request = await wire.send(OUTPUT, {**ids, "events": [event]})
-            else:
-                request = await wire.send(KV_SET, {**ids, "kv": {"late": "1"}})
-            with trio.fail_after(10):
-                await at_door.wait()
+            request = await _write_held_at_the_store(wire, main_id, sub_id, write, at_door)
             assert (await h.http.delete(f"/v1/runs/{sub_id}")).status_code == 204
             revoked.set()
             answer = await wire.answer(request)
@@ -535,17 +544,7 @@ async def test_a_write_the_store_refuses_for_a_revoke_the_core_has_not_heard_of_
         setattr(store, name, held)
         setattr(store, "revoke_run", revoke_heard_late)  # noqa: B010
         async with h.wire(token) as wire:
-            await wire.attach(main_id, connectionEpoch=1)
-            sub = await wire.attach(sub_id, connectionEpoch=1, capabilities=["kv.write"])
-            ids = {"sessionId": sub["sessionId"], "runId": sub_id}
-            if write == "publish":
-                event = {"eventId": "late", "seq": 0, "type": "t", "data": {},
-                         "timestamp": "2026-01-01T00:00:00.000Z"}
-                request = await wire.send(OUTPUT, {**ids, "events": [event]})
-            else:
-                request = await wire.send(KV_SET, {**ids, "kv": {"late": "1"}})
-            with trio.fail_after(10):
-                await at_door.wait()
+            request = await _write_held_at_the_store(wire, main_id, sub_id, write, at_door)
             assert (await h.http.delete(f"/v1/runs/{sub_id}")).status_code == 204
             assert error_code(await wire.answer(request)) == "forbidden_run"
         assert await store.read_outputs(sub_id, -1, 10) == []
